@@ -1,0 +1,143 @@
+"""The IFB against its closed forms, under jit and grad, and its memory behaviour."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from iterfuse_jax.models import iterative_fusion
+
+B, M, C = 2, 12, 5
+
+
+def _inputs(seed=0):
+  rng = np.random.default_rng(seed)
+  co = jax.nn.softmax(jnp.asarray(rng.normal(size=(B, M, M)) * 2.0, jnp.float32), axis=-1)
+  v = jnp.asarray(rng.normal(size=(B, M, C)), jnp.float32)
+  return co, v
+
+
+def _closed_form(co, v, alpha, n, variant):
+  """Matrix-power closed forms in float64: A = Co^n V, B = (aCo + I)^n V, C = (aCo + (1-a)I)^n V."""
+  co = np.asarray(co, np.float64)
+  eye = np.eye(co.shape[-1])
+  if variant == "A":
+    op = co
+  elif variant == "B":
+    op = alpha * co + eye
+  else:
+    op = alpha * co + (1 - alpha) * eye
+  return np.stack([np.linalg.matrix_power(op[b], n) @ np.asarray(v[b], np.float64)
+                   for b in range(co.shape[0])])
+
+
+_jitted = jax.jit(iterative_fusion, static_argnames=("n_iter", "variant"))
+
+
+@pytest.mark.parametrize("variant", ["A", "B", "C"])
+@pytest.mark.parametrize("n_iter", [0, 1, 4, 18])
+def test_matches_closed_form_under_jit(variant, n_iter):
+  co, v = _inputs()
+  alpha = 0.3
+  got = _jitted(co, v, jnp.float32(alpha), n_iter=n_iter, variant=variant)
+  want = _closed_form(co, v, alpha, n_iter, variant)
+  # B grows like (1 + alpha)^n: compare relative to the output's scale.
+  np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+
+
+def test_zero_iterations_returns_input_unchanged():
+  co, v = _inputs()
+  out = iterative_fusion(co, v, jnp.float32(0.3), 0, "C")
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(v))
+
+
+@pytest.mark.parametrize("variant", ["B", "C"])
+@pytest.mark.parametrize("n_iter", [1, 4, 18])
+def test_alpha_gradient_finite_nonzero_and_correct(variant, n_iter):
+  co, v = _inputs(1)
+  w = jnp.asarray(np.random.default_rng(2).normal(size=(B, M, C)), jnp.float32)
+
+  def loss(alpha):
+    return jnp.sum(iterative_fusion(co, v, alpha, n_iter, variant) * w)
+
+  grad = jax.jit(jax.grad(loss))(jnp.float32(0.3))
+  assert np.isfinite(grad) and abs(float(grad)) > 1e-6
+  # Central difference of the float64 closed form.
+  eps = 1e-4
+  f = lambda a: float(np.sum(_closed_form(co, v, a, n_iter, variant) * np.asarray(w)))
+  numeric = (f(0.3 + eps) - f(0.3 - eps)) / (2 * eps)
+  np.testing.assert_allclose(float(grad), numeric, rtol=1e-3, atol=1e-4)
+
+
+def test_gradients_wrt_co_and_v_match_closed_form():
+  co, v = _inputs(3)
+  n = 4
+
+  def loss(co, v):
+    return jnp.sum(iterative_fusion(co, v, jnp.float32(0.3), n, "C") ** 2)
+
+  def loss_closed(co, v):
+    op = 0.3 * co + 0.7 * jnp.eye(M)
+    out = v
+    for _ in range(n):
+      out = op @ out
+    return jnp.sum(out ** 2)
+
+  got = jax.grad(loss, argnums=(0, 1))(co, v)
+  want = jax.grad(loss_closed, argnums=(0, 1))(co, v)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_values_keep_dtype_and_accuracy():
+  co, v = _inputs(4)
+  out = iterative_fusion(co, v.astype(jnp.bfloat16), jnp.float32(0.3), 4, "C")
+  assert out.dtype == jnp.bfloat16
+  ref = iterative_fusion(co, v, jnp.float32(0.3), 4, "C")
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), atol=5e-2)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(variant="D"), "unknown IFB variant 'D'"),
+    (dict(n_iter=-1), "n_iter must be a non-negative int"),
+    (dict(n_iter=2.0), "n_iter must be a non-negative int"),
+    (dict(co=jnp.zeros((B, M, M + 1))), r"co must be \[B, M, M\]"),
+    (dict(co=jnp.zeros((M, M))), r"co must be \[B, M, M\]"),
+    (dict(v=jnp.zeros((B, M + 1, C))), r"v must be \[B, M, C\]"),
+    (dict(v=jnp.zeros((B, M))), r"v must be \[B, M, C\]"),
+    (dict(alpha=jnp.zeros((2,))), "alpha must be a scalar"),
+])
+def test_bad_arguments_raise_clear_errors(kwargs, message):
+  co, v = _inputs()
+  args = dict(co=co, v=v, alpha=jnp.float32(0.3), n_iter=2, variant="C")
+  args.update(kwargs)
+  with pytest.raises(ValueError, match=message):
+    iterative_fusion(**args)
+
+
+def _temp_bytes(fn, *args):
+  return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_backward_keeps_iterates_not_one_affinity_matrix_per_iteration():
+  """Forward+backward temp memory grows by about one [M, C] iterate per extra iteration.
+
+  With M >> C, keeping a [M, M] matrix per iteration would add M/C times more per iteration.
+  """
+  m, c = 512, 8
+  rng = np.random.default_rng(0)
+  co = jax.nn.softmax(jnp.asarray(rng.normal(size=(1, m, m)), jnp.float32), axis=-1)
+  v = jnp.asarray(rng.normal(size=(1, m, c)), jnp.float32)
+
+  def grad_fn(n):
+    def loss(co, v, a):
+      return jnp.sum(iterative_fusion(co, v, a, n, "C"))
+    return jax.grad(loss, argnums=(0, 1, 2))
+
+  t4 = _temp_bytes(grad_fn(4), co, v, jnp.float32(0.3))
+  t16 = _temp_bytes(grad_fn(16), co, v, jnp.float32(0.3))
+  per_iter = (t16 - t4) / 12
+  matrix = m * m * 4
+  iterate = m * c * 4
+  assert per_iter < matrix / 8, (t4, t16)
+  assert per_iter <= 4 * iterate, (t4, t16, per_iter, iterate)
