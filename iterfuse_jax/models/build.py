@@ -1,0 +1,83 @@
+"""`build_model(config)`: every network of the project from an ml_collections config.
+
+The config needs `dataset.name`, `dataset.tasks` and a `model` block:
+
+  model.name            "iterfuse" | "mtl" (more in MODEL_BUILDERS)
+  model.backbone        HRNet variant: "w18_small_v2" (the survey code's "HRNet18") or "w18"
+  model.fuse_upsample   "bilinear" (segmentation codebases) or "nearest" (timm / classification)
+  model.task_channels   C of the task features entering the distillation module
+  model.initial_blocks  residual blocks per initial task module
+  model.dtype           "float32" or "bfloat16" (activations; parameters stay float32)
+  model.tpim            use_ifb, variant, n_iter, alpha_init, scale, qk_channels (0 = C), ifb_impl
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from iterfuse_jax import tasks as task_registry
+from iterfuse_jax.models.cross_task import TaskPairInteractionModule
+from iterfuse_jax.models.hrnet import HRNet
+from iterfuse_jax.models.network import MultiTaskDenseNet
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str):
+  """Maps a config dtype name to a jnp dtype; raises for anything else."""
+  if name not in DTYPES:
+    raise ValueError(f"unknown model.dtype {name!r}; expected one of {sorted(DTYPES)}")
+  return DTYPES[name]
+
+
+def make_backbone(model_config: ml_collections.ConfigDict, dtype) -> nn.Module:
+  return HRNet(variant=model_config.backbone, fuse_upsample=model_config.fuse_upsample,
+               dtype=dtype)
+
+
+def tpim_from_config(tasks: tuple[str, ...], model_config: ml_collections.ConfigDict,
+                     dtype) -> TaskPairInteractionModule:
+  """The TPIM with the CIB settings of `model_config.tpim`."""
+  tpim = model_config.tpim
+  return TaskPairInteractionModule(
+      tasks=tasks, channels=model_config.task_channels, qk_channels=tpim.qk_channels or None,
+      scale=tpim.scale, use_ifb=tpim.use_ifb, variant=tpim.variant, n_iter=tpim.n_iter,
+      alpha_init=tpim.alpha_init, ifb_impl=tpim.ifb_impl, dtype=dtype)
+
+
+def _iterfuse(config: ml_collections.ConfigDict, tasks, num_outputs, dtype) -> nn.Module:
+  m = config.model
+  return MultiTaskDenseNet(
+      tasks=tasks, num_outputs=num_outputs, backbone=make_backbone(m, dtype),
+      distillation=tpim_from_config(tasks, m, dtype), use_initial=True,
+      task_channels=m.task_channels, initial_blocks=m.initial_blocks, dtype=dtype)
+
+
+def _mtl(config: ml_collections.ConfigDict, tasks, num_outputs, dtype) -> nn.Module:
+  return MultiTaskDenseNet(
+      tasks=tasks, num_outputs=num_outputs, backbone=make_backbone(config.model, dtype),
+      distillation=None, use_initial=False, dtype=dtype)
+
+
+ModelBuilder = Callable[[ml_collections.ConfigDict, tuple, dict, object], nn.Module]
+
+# model.name -> builder(config, tasks, num_outputs, dtype).
+MODEL_BUILDERS: dict[str, ModelBuilder] = {
+    "iterfuse": _iterfuse,
+    "mtl": _mtl,
+}
+
+
+def build_model(config: ml_collections.ConfigDict) -> nn.Module:
+  """Builds the network that `config` describes (see the module docstring for the keys)."""
+  dataset = config.dataset.name
+  tasks = task_registry.validate_tasks(config.dataset.tasks, dataset)
+  num_outputs = {t: task_registry.num_outputs(t, dataset) for t in tasks}
+  name = config.model.name
+  if name not in MODEL_BUILDERS:
+    raise ValueError(f"unknown model.name {name!r}; expected one of {sorted(MODEL_BUILDERS)}")
+  return MODEL_BUILDERS[name](config, tasks, num_outputs, compute_dtype(config.model.dtype))
