@@ -14,9 +14,16 @@ from iterfuse_jax.models.cross_task import (CrossTaskInteractionBlock, SpatialSe
 from iterfuse_jax.models.heads import InitialTaskModule, TaskHead
 from iterfuse_jax.models.network import MultiTaskDenseNet
 
-try:
-  # hrnet.py is the backbone; build_model needs it.
-  from iterfuse_jax.models.hrnet import HRNet
-  from iterfuse_jax.models.build import MODEL_BUILDERS, build_model
-except ImportError:  # pragma: no cover - only while the backbone module is being written
-  pass
+from iterfuse_jax.models.hrnet import HRNet
+from iterfuse_jax.models.build import MODEL_BUILDERS, build_model
+
+# Notebook conveniences that read files live in iterfuse_jax.inference (models know nothing about
+# files); they are importable from here too, loaded on first use.
+_INFERENCE_NAMES = ("Predictor", "load_predictor", "read_image")
+
+
+def __getattr__(name):
+  if name in _INFERENCE_NAMES:
+    from iterfuse_jax import inference  # pylint: disable=g-import-not-at-top
+    return getattr(inference, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
