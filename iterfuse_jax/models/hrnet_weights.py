@@ -16,6 +16,7 @@ conversion is strict in both directions: a tensor nobody reads or a leaf nobody 
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Mapping
 
@@ -111,13 +112,20 @@ def _torch_shape(flax_shape: tuple[int, ...], collection: str, leaf: str) -> tup
   return tuple(flax_shape)
 
 
-def abstract_variables(variant: str, include_classifier: bool = False) -> Variables:
-  """Shapes ({"params", "batch_stats"} of jax.ShapeDtypeStruct) of HRNet / HRNetClassifier."""
-  hrnet_spec(variant)
+@functools.lru_cache(maxsize=8)
+def _traced_shapes(variant: str, include_classifier: bool) -> Variables:
+  # Tracing the model takes about a second; the result depends only on the arguments.
   model = (HRNetClassifier(variant) if include_classifier else HRNet(variant))
   images = jnp.zeros((1, 64, 64, 3), jnp.float32)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))
   return {c: shapes[c] for c in COLLECTIONS}
+
+
+def abstract_variables(variant: str, include_classifier: bool = False) -> Variables:
+  """Shapes ({"params", "batch_stats"} of jax.ShapeDtypeStruct) of HRNet / HRNetClassifier."""
+  hrnet_spec(variant)
+  # A fresh tree each time, so that callers may edit it.
+  return jax.tree.map(lambda x: x, _traced_shapes(variant, bool(include_classifier)))
 
 
 def normalize_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -240,8 +248,8 @@ def torch_state_dict_to_flax(state_dict: Mapping[str, np.ndarray], variant: str,
     if unexpected:
       parts.append(_format_problems("tensors with no place in the model", unexpected))
     if missing:
-      parts.append(_format_problems("model variables with no tensor", missing))
+      parts.append(_format_problems("model variables with no tensor", sorted(missing)))
     if mismatched:
-      parts.append(_format_problems("shape mismatches", mismatched))
+      parts.append(_format_problems("shape mismatches", sorted(mismatched)))
     raise ValueError("\n".join(parts))
   return out
