@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import sys
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -144,12 +145,16 @@ def convert_file(src: str, dst: str, variant: str = "w18_small_v2") -> dict[str,
 def load_backbone_variables(path: str, variant: str) -> Variables:
   """Reads a directory written by `convert_file`: {"params": ..., "batch_stats": ...} (numpy).
 
+  `path` is the `--dst` directory (or its `variables/` folder).
+
   Raises:
     FileNotFoundError: `path` is not a converted backbone directory.
     ValueError: it holds another variant (both named) or tensors of the wrong shape.
   """
   hrnet_spec(variant)
   root = pathlib.Path(path).absolute()
+  if root.name == VARIABLES_DIR and (root.parent / META_FILE).is_file():
+    root = root.parent  # the orbax folder itself was given
   meta_file = root / META_FILE
   if not meta_file.is_file():
     raise FileNotFoundError(f"{root} is not a converted HRNet backbone: {META_FILE} missing "
@@ -265,7 +270,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--check", metavar="IMAGE",
                       help="print the ImageNet top-5 of the full classifier on this image")
   args = parser.parse_args(argv)
+  try:
+    _run(args)
+  except (ValueError, FileNotFoundError, ImportError) as e:
+    # The messages name the file and every misfit tensor; a traceback adds nothing.
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
 
+
+def _run(args: argparse.Namespace) -> None:
   summary = convert_file(args.src, args.dst, args.variant)
   print(f"converted {summary['num_backbone_tensors']} backbone tensors of {args.src} "
         f"(HRNet {args.variant}: {summary['num_params']:,} parameters, "
@@ -275,12 +289,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.check:
     tensors = hrnet_weights.normalize_state_dict(read_state_dict(args.src))
     if not any(k.startswith("classifier.") for k in tensors):
-      raise SystemExit(f"--check needs the ImageNet classifier, which {args.src} does not have")
+      raise ValueError(f"--check needs the ImageNet classifier, which {args.src} does not have")
     top, probs = classify(tensors, args.variant, preprocess_image(args.check))
     print(f"ImageNet top-5 for {args.check}:")
     for index, prob in zip(top[0], probs[0]):
       print(f"  class {int(index):4d}  p={float(prob):.4f}")
-  return 0
 
 
 if __name__ == "__main__":

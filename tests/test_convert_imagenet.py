@@ -142,9 +142,23 @@ def test_insert_backbone_into_multitask_network(tmp_path, reference):
     convert_imagenet.insert_backbone(dict(abstract), backbone, path=("encoder",))
 
 
+def test_cli_reports_errors_without_traceback(tmp_path, reference, capsys):
+  src = _write(tmp_path, "weights.safetensors", reference["state"])
+  assert convert_imagenet.main(["--src", str(src), "--dst", str(tmp_path / "out"),
+                                "--variant", "w18"]) == 1
+  err = capsys.readouterr().err
+  assert err.startswith("error: cannot convert this state dict to HRNet variant 'w18'")
+  assert "Traceback" not in err
+  assert not (tmp_path / "out").exists()
+
+
 def test_load_rejects_wrong_variant_and_non_checkpoint(tmp_path, reference):
   src = _write(tmp_path, "weights.safetensors", reference["state"])
   convert_imagenet.convert_file(str(src), str(tmp_path / "out"), VARIANT)
+  via_orbax_dir = convert_imagenet.load_backbone_variables(str(tmp_path / "out" / "variables"),
+                                                          VARIANT)
+  np.testing.assert_array_equal(via_orbax_dir["params"]["conv1"]["kernel"],
+                                reference["state"]["conv1.weight"].transpose(2, 3, 1, 0))
   with pytest.raises(ValueError, match=r"'w18_small_v2'.*'w18'"):
     convert_imagenet.load_backbone_variables(str(tmp_path / "out"), "w18")
   with pytest.raises(FileNotFoundError, match="meta.json"):
