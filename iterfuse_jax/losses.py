@@ -1,0 +1,199 @@
+"""Per-task training losses and the weighted multi-task sum (deep supervision included).
+
+All losses are pure `jax.numpy` functions of logits at label resolution ([B, H, W, C], NHWC) and
+labels ([B, H, W]); they compute in float32 whatever the logits' dtype, are jit-friendly (no
+data-dependent shapes) and return 0, not NaN, when a batch has no valid pixel for a task.
+
+Conventions (the MTL survey code of Vandenhende et al., see ../shared/REFERENCE.md):
+  * segmentation (semseg, human_parts): softmax cross-entropy, label 255 ignored, mean over the
+    valid pixels of the whole batch (PyTorch `CrossEntropyLoss(ignore_index=255)`).
+  * depth: L1 over the valid pixels of the batch; a label of 0 (no sensor reading) or 255 is
+    invalid.
+  * saliency: class-balanced binary cross-entropy. With w = (#negatives / #valid) over the batch,
+    loss = (w * sum_pos BCE + (1 - w) * sum_neg BCE) / #valid: positives, usually the minority,
+    are weighted by the fraction of negatives. Labels are {0, 1} (>= 0.5 is positive), 255 is
+    ignored; without ignored pixels this is exactly the survey's `BalancedCrossEntropyLoss`.
+  * multi-task: total = sum over supervision levels ("initial" intermediate predictions and
+    "final" predictions) and tasks of weight[task] * loss; the intermediate predictions get the
+    same losses and weights as the final ones (the survey code's PAD-Net / MTI-Net convention).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from iterfuse_jax import tasks as task_registry
+from iterfuse_jax.tasks import IGNORE_LABEL
+
+LossFn = Callable[[jax.Array, jax.Array], jax.Array]
+# Supervision levels of the network's output dict, in the order their losses are summed.
+LEVELS = ("initial", "final")
+
+
+def _safe_mean(total: jax.Array, count: jax.Array) -> jax.Array:
+  """total / count, and 0 (with zero gradient) when count is 0."""
+  return total / jnp.maximum(count, 1).astype(jnp.float32)
+
+
+def _check_spatial(logits: jax.Array, labels: jax.Array, name: str) -> jax.Array:
+  """Returns labels as [B, H, W]; raises if they do not match the logits' [B, H, W]."""
+  if logits.ndim != 4:
+    raise ValueError(f"{name}: logits must be [B, H, W, C], got shape {logits.shape}")
+  if labels.ndim == 4 and labels.shape[-1] == 1:
+    labels = labels[..., 0]
+  if labels.shape != logits.shape[:3]:
+    raise ValueError(
+        f"{name}: labels of shape {labels.shape} do not match logits of shape {logits.shape}; "
+        "expected labels [B, H, W] at the logits' resolution")
+  return labels
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Softmax cross-entropy averaged over the non-ignored pixels of the batch.
+
+  Args:
+    logits: [B, H, W, C] class scores (any float dtype).
+    labels: [B, H, W] integer class ids in [0, C); IGNORE_LABEL (255) marks unlabelled pixels.
+      A label outside [0, C) that is not 255 makes the loss NaN (data error, caught by the
+      trainer's non-finite guard) rather than being skipped silently.
+
+  Returns:
+    Scalar float32 loss; 0 when every pixel is ignored.
+  """
+  labels = _check_spatial(logits, labels, "cross_entropy")
+  labels = labels.astype(jnp.int32)
+  valid = labels != IGNORE_LABEL
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  safe_labels = jnp.where(valid, labels, 0)
+  nll = -jnp.take_along_axis(log_probs, safe_labels[..., None], axis=-1)[..., 0]
+  return _safe_mean(jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid))
+
+
+def l1(predictions: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean absolute error over the valid depth pixels of the batch.
+
+  Args:
+    predictions: [B, H, W, 1] predicted depth (metres).
+    labels: [B, H, W] (or [B, H, W, 1]) depth in metres; 0 (no reading) and 255 are invalid.
+
+  Returns:
+    Scalar float32 loss; 0 when no pixel is valid.
+  """
+  if predictions.ndim != 4 or predictions.shape[-1] != 1:
+    raise ValueError(f"l1: predictions must be [B, H, W, 1], got shape {predictions.shape}")
+  labels = _check_spatial(predictions, labels, "l1").astype(jnp.float32)
+  valid = (labels > 0) & (labels != IGNORE_LABEL)
+  error = jnp.abs(predictions[..., 0].astype(jnp.float32) - labels)
+  return _safe_mean(jnp.sum(jnp.where(valid, error, 0.0)), jnp.sum(valid))
+
+
+def balanced_bce(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Class-balanced binary cross-entropy (the survey's saliency loss).
+
+  Args:
+    logits: [B, H, W, 1] saliency logits.
+    labels: [B, H, W] (or [B, H, W, 1]) targets in {0, 1} (>= 0.5 counts as positive);
+      IGNORE_LABEL (255) marks pixels that are left out.
+
+  Returns:
+    Scalar float32 loss: (w * sum over positives of -log p + (1 - w) * sum over negatives of
+    -log(1 - p)) / #valid, with w = #negatives / #valid over the whole batch; 0 when no pixel is
+    valid.
+  """
+  if logits.ndim != 4 or logits.shape[-1] != 1:
+    raise ValueError(f"balanced_bce: logits must be [B, H, W, 1], got shape {logits.shape}")
+  labels = _check_spatial(logits, labels, "balanced_bce").astype(jnp.float32)
+  x = logits[..., 0].astype(jnp.float32)
+  valid = labels != IGNORE_LABEL
+  positive = valid & (labels >= 0.5)
+  negative = valid & ~positive
+  num_valid = jnp.sum(valid).astype(jnp.float32)
+  weight_pos = _safe_mean(jnp.sum(negative), num_valid)
+  # -log sigmoid(x) = softplus(-x) and -log(1 - sigmoid(x)) = softplus(x), both overflow-free.
+  loss_pos = jnp.sum(jnp.where(positive, jax.nn.softplus(-x), 0.0))
+  loss_neg = jnp.sum(jnp.where(negative, jax.nn.softplus(x), 0.0))
+  return _safe_mean(weight_pos * loss_pos + (1.0 - weight_pos) * loss_neg, num_valid)
+
+
+LOSSES: Mapping[str, LossFn] = {
+    "cross_entropy": cross_entropy,
+    "l1": l1,
+    "balanced_bce": balanced_bce,
+}
+
+
+def task_loss(task: str, logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """The registry's loss of `task` (tasks.TaskSpec.loss) on logits [B, H, W, C] at label size."""
+  name = task_registry.get_task(task).loss
+  if name not in LOSSES:
+    raise ValueError(f"task {task!r} asks for loss {name!r}; known losses: {sorted(LOSSES)}")
+  return LOSSES[name](logits, labels)
+
+
+def _to_label_size(logits: jax.Array, label_hw: tuple[int, ...]) -> jax.Array:
+  """Bilinearly resizes [B, h, w, C] logits to the labels' (H, W) when they differ."""
+  if tuple(logits.shape[1:3]) == tuple(label_hw):
+    return logits
+  return jax.image.resize(logits.astype(jnp.float32),
+                          (logits.shape[0], *label_hw, logits.shape[-1]),
+                          method="bilinear", antialias=False)
+
+
+def multitask_loss(
+    outputs: Mapping[str, Mapping[str, jax.Array]],
+    batch: Mapping[str, jax.Array],
+    tasks: Sequence[str],
+    weights: Mapping[str, float] | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Weighted sum of every task's loss over the supervision levels present in `outputs`.
+
+  Args:
+    outputs: {"final": {task: [B, H, W, C_task]}} and optionally {"initial": {...}} (the
+      intermediate predictions of the initial task modules). Predictions at another resolution
+      than the labels are bilinearly resized to the label size first.
+    batch: holds each task's labels under the task's name ([B, H, W]).
+    tasks: the tasks to supervise.
+    weights: task -> loss weight; None takes the registry's (semseg 1, depth 1, human_parts 2,
+      sal 5).
+
+  Returns:
+    (total, parts): total = sum over levels and tasks of weights[task] * loss, float32 scalar;
+    parts = {"<level>/<task>": unweighted loss, ..., "total": total}.
+  """
+  unknown = sorted(set(outputs) - set(LEVELS))
+  if unknown:
+    raise ValueError(f"multitask_loss: unknown output levels {unknown}; expected {list(LEVELS)}")
+  if "final" not in outputs:
+    raise ValueError(f"multitask_loss: outputs have no 'final' predictions (keys: "
+                     f"{sorted(outputs)})")
+  tasks = tuple(tasks)
+  if weights is None:
+    weights = {t: task_registry.get_task(t).loss_weight for t in tasks}
+  missing = [t for t in tasks if t not in weights]
+  if missing:
+    raise ValueError(f"multitask_loss: no loss weight for tasks {missing} (weights given for "
+                     f"{sorted(weights)})")
+  missing = [t for t in tasks if t not in batch]
+  if missing:
+    raise ValueError(f"multitask_loss: the batch has no labels for tasks {missing} (batch keys: "
+                     f"{sorted(batch)})")
+
+  parts = {}
+  total = jnp.zeros((), jnp.float32)
+  for level in LEVELS:
+    if level not in outputs:
+      continue
+    for task in tasks:
+      if task not in outputs[level]:
+        raise ValueError(f"multitask_loss: outputs[{level!r}] has no prediction for task "
+                         f"{task!r} (has {sorted(outputs[level])})")
+      labels = batch[task]
+      logits = _to_label_size(outputs[level][task], labels.shape[1:3])
+      loss = task_loss(task, logits, labels)
+      parts[f"{level}/{task}"] = loss
+      total = total + jnp.float32(weights[task]) * loss
+  parts["total"] = total
+  return total, parts
