@@ -13,6 +13,8 @@ Conventions (the MTL survey code of Vandenhende et al., see ../shared/REFERENCE.
     loss = (w * sum_pos BCE + (1 - w) * sum_neg BCE) / #valid: positives, usually the minority,
     are weighted by the fraction of negatives. Labels are {0, 1} (>= 0.5 is positive), 255 is
     ignored; without ignored pixels this is exactly the survey's `BalancedCrossEntropyLoss`.
+    Like it, a batch without any positive pixel has w = 1 and so a loss of 0 (HED-style
+    weighting: all weight goes to the positives).
   * multi-task: total = sum over supervision levels ("initial" intermediate predictions and
     "final" predictions) and tasks of weight[task] * loss; the intermediate predictions get the
     same losses and weights as the final ones (the survey code's PAD-Net / MTI-Net convention).

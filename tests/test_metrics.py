@@ -277,3 +277,23 @@ def test_shape_errors(nyud_cls):
     nyud_cls.single_from_model_output(
         predictions={"semseg": jnp.zeros((1, 2, 2, 40)), "depth": jnp.zeros((1, 2, 2, 1))},
         labels={"semseg": jnp.zeros((1, 2, 2))}, example_mask=jnp.array([True]))
+
+
+def test_batch_sharded_over_two_devices_equals_one_device(nyud_cls, nyud_update):
+  """Under jit on a 2-device mesh (batch sharded as train.py does) the sums are the same."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  if len(jax.devices()) < 2:
+    pytest.skip("needs 2 devices (tests/conftest.py makes 2 CPU devices)")
+  rng = np.random.default_rng(7)
+  predictions = {"semseg": jnp.asarray(rng.normal(size=(4, 6, 5, 40)), jnp.float32),
+                 "depth": jnp.asarray(rng.uniform(0.5, 3, (4, 6, 5, 1)), jnp.float32)}
+  labels = {"semseg": jnp.asarray(rng.integers(0, 40, (4, 6, 5))),
+            "depth": jnp.asarray(rng.uniform(0, 3, (4, 6, 5)), jnp.float32)}
+  mask = jnp.array([True, True, True, False])
+  sharding = NamedSharding(Mesh(np.asarray(jax.devices()[:2]), ("data",)), PartitionSpec("data"))
+  sharded = jax.device_put((predictions, labels, mask), sharding)
+  on_two = nyud_update(*sharded)
+  on_one = nyud_update(predictions, labels, mask)
+  np.testing.assert_array_equal(on_two.semseg.matrix, on_one.semseg.matrix)
+  for key, value in on_one.compute().items():
+    np.testing.assert_allclose(on_two.compute()[key], value, rtol=1e-6, err_msg=key)
