@@ -1,0 +1,165 @@
+"""tensorflow-datasets builders `nyud_v2_mt` and `pascal_context_mt`, prepared from a manual dir.
+
+The extracted NYUD_MT / PASCAL_MT folder is the manual dir; the builders validate every file (see
+`nyud.read_example`, `pascal_context.read_example`) and write array_record files that
+`tfds.data_source` reads with random access and without TensorFlow. The builder config is named
+after the requested tasks, so only those tasks' files are needed and stored.
+
+Features of every example:
+  image        uint8 [H, W, 3] (the original encoded image)
+  image_id     text
+  original_size int32 [2] (height, width)
+  semseg, human_parts, sal   uint8 [H, W, 1] (PNG), for the requested tasks
+  depth        float32 [H, W] (zlib), metres, 0 = invalid
+"""
+
+import dataclasses
+import inspect
+import os
+from collections.abc import Sequence
+
+from etils import epath
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from data_pipelines import io_utils
+from data_pipelines import nyud
+from data_pipelines import pascal_context
+
+READERS = {"nyud": nyud, "pascal": pascal_context}
+FILE_FORMAT = "array_record"
+
+
+@dataclasses.dataclass(eq=False)
+class TasksConfig(tfds.core.BuilderConfig):
+  """A builder config holding the tasks whose labels are read and stored."""
+  tasks: tuple[str, ...] = ()
+
+
+def config_name(tasks: Sequence[str]) -> str:
+  """The builder config name of a task set ("semseg+depth")."""
+  return "+".join(tasks)
+
+
+def _all_task_configs(all_tasks: Sequence[str]) -> list[TasksConfig]:
+  """One config per non-empty subset of the tasks (kept in the dataset's task order)."""
+  configs = []
+  for mask in range(1, 2 ** len(all_tasks)):
+    tasks = tuple(t for i, t in enumerate(all_tasks) if mask >> i & 1)
+    configs.append(TasksConfig(name=config_name(tasks), tasks=tasks,
+                               description=f"labels of the tasks {', '.join(tasks)}"))
+  return sorted(configs, key=lambda c: -len(c.tasks))
+
+
+def _label_image() -> tfds.features.Image:
+  return tfds.features.Image(shape=(None, None, 1), dtype=np.uint8, encoding_format="png")
+
+
+_TASK_FEATURES = {
+    "semseg": _label_image,
+    "human_parts": _label_image,
+    "sal": _label_image,
+    "depth": lambda: tfds.features.Tensor(shape=(None, None), dtype=np.float32, encoding="zlib"),
+}
+
+
+class _MultiTaskBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Shared logic: features from the config's tasks, examples from the dataset's reader."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  DATASET = ""  # key into READERS
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    # tfds' default probes the `importlib_resources` backport, which this project does not need.
+    return epath.Path(inspect.getfile(cls))
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    features = {
+        "image": tfds.features.Image(shape=(None, None, 3), dtype=np.uint8,
+                                     encoding_format="jpeg"),
+        "image_id": tfds.features.Text(),
+        "original_size": tfds.features.Tensor(shape=(2,), dtype=np.int32),
+    }
+    for task in self.builder_config.tasks:
+      features[task] = _TASK_FEATURES[task]()
+    # disable_shuffling keeps the split file's order (tfds would order examples by a key hash).
+    return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(features),
+                                          disable_shuffling=True)
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    root = os.fspath(dl_manager.manual_dir)
+    reader = READERS[self.DATASET]
+    reader.check_root(root)
+    return {split: self._generate_examples(root, split) for split in ("train", "val")}
+
+  def _generate_examples(self, root: str, split: str):
+    reader = READERS[self.DATASET]
+    tasks = self.builder_config.tasks
+    for image_id in reader.split_ids(root, split):
+      example = reader.read_example(root, image_id, tasks)
+      height, width = example["image"].shape[:2]
+      record = {
+          "image": example["image_bytes"],
+          "image_id": image_id,
+          "original_size": np.array([height, width], np.int32),
+      }
+      for task in tasks:
+        if task == "depth":
+          record[task] = example[task]
+        else:  # PIL encodes the PNG, so no TensorFlow is needed to build.
+          record[task] = Image.fromarray(example[task], mode="L")
+      yield image_id, record
+
+
+class NyudV2Mt(_MultiTaskBuilder):
+  """NYUD-v2 (795 train / 654 val) from the NYUD_MT folder: semseg (40 classes) and depth."""
+
+  DATASET = "nyud"
+  BUILDER_CONFIGS = _all_task_configs(nyud.TASKS)
+  MANUAL_DOWNLOAD_INSTRUCTIONS = nyud.HOW_TO_GET
+
+
+class PascalContextMt(_MultiTaskBuilder):
+  """PASCAL-Context (4998 train / 5105 val) from the PASCAL_MT folder: semseg, parts, saliency."""
+
+  DATASET = "pascal"
+  BUILDER_CONFIGS = _all_task_configs(pascal_context.TASKS)
+  MANUAL_DOWNLOAD_INSTRUCTIONS = pascal_context.HOW_TO_GET
+
+
+BUILDERS = {"nyud": NyudV2Mt, "pascal": PascalContextMt}
+
+
+def get_builder(dataset: str, tasks: Sequence[str], prepared_dir: str) -> tfds.core.DatasetBuilder:
+  """The builder of `dataset` for `tasks`, reading/writing under `prepared_dir`."""
+  if dataset not in BUILDERS:
+    raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(BUILDERS)}")
+  reader = READERS[dataset]
+  unknown = set(tasks) - set(reader.TASKS)
+  if unknown:
+    raise ValueError(f"dataset {dataset!r} has no task(s) {sorted(unknown)}; "
+                     f"available: {reader.TASKS}")
+  if not tasks:
+    raise ValueError("at least one task is needed")
+  # Canonical task order, so that ("depth", "semseg") and ("semseg", "depth") share one copy.
+  tasks = tuple(t for t in reader.TASKS if t in tasks)
+  return BUILDERS[dataset](data_dir=prepared_dir, config=config_name(tasks),
+                           file_format=FILE_FORMAT)
+
+
+def prepare(builder: tfds.core.DatasetBuilder, data_dir: str) -> None:
+  """Builds the array_record copy from the extracted folder `data_dir` unless it exists."""
+  if builder.is_prepared():
+    return
+  READERS[builder.DATASET].check_root(data_dir)
+  builder.download_and_prepare(
+      file_format=FILE_FORMAT,
+      download_config=tfds.download.DownloadConfig(
+          manual_dir=data_dir, try_download_gcs=False))
+
+
+__all__ = ["NyudV2Mt", "PascalContextMt", "get_builder", "prepare", "io_utils"]

@@ -1,0 +1,133 @@
+"""File reading shared by the dataset readers: every failure names the file and the problem."""
+
+import io
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+
+
+class DataError(ValueError):
+  """A dataset file exists but its content is not what the published layout has."""
+
+
+class SplitSizeWarning(UserWarning):
+  """A split lists a different number of examples than the published dataset."""
+
+
+def require_dir(path: str, what: str, how_to_get: str) -> None:
+  """Raises FileNotFoundError (saying how to obtain the data) unless `path` is a folder."""
+  if not path:
+    raise FileNotFoundError(
+        f"no {what} folder configured (config.dataset.data_dir is empty). {how_to_get}")
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{what} folder {path} not found. {how_to_get}")
+
+
+def require_file(path: str, what: str) -> None:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{what} {path} not found")
+
+
+def read_split_file(path: str, published_size: int | None, how_to_get: str) -> list[str]:
+  """Reads a split file (one id a line) and warns when its size differs from the published one.
+
+  Args:
+    path: the split file, e.g. `<root>/gt_sets/train.txt`.
+    published_size: the number of ids the published split has (None: no check).
+    how_to_get: appended to the error when the file is missing.
+
+  Returns:
+    The ids in file order.
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"split file {path} not found. {how_to_get}")
+  with open(path, encoding="utf-8") as f:
+    ids = [line.strip() for line in f if line.strip()]
+  if not ids:
+    raise DataError(f"split file {path} lists no image ids")
+  duplicates = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) != len(ids) else []
+  if duplicates:
+    raise DataError(f"split file {path} lists ids more than once: {duplicates[:5]}")
+  if published_size is not None and len(ids) != published_size:
+    warnings.warn(
+        f"split file {path} lists {len(ids)} images; the published split has {published_size}",
+        SplitSizeWarning, stacklevel=2)
+  return ids
+
+
+def read_rgb_image(path: str) -> tuple[np.ndarray, bytes]:
+  """Decodes an image file to RGB.
+
+  Returns:
+    The pixels, uint8 [H, W, 3], and encoded bytes that decode to exactly these pixels: the file's
+    own bytes for an RGB JPEG, otherwise a PNG of the RGB conversion.
+  """
+  require_file(path, "image")
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      image.load()
+      mode, fmt = image.mode, image.format
+      rgb = image.convert("RGB") if mode != "RGB" else image.copy()
+  except Exception as e:  # PIL raises several types for broken files.
+    raise DataError(f"cannot decode image {path}: {e}") from e
+  pixels = np.asarray(rgb, dtype=np.uint8)
+  if mode == "RGB" and fmt == "JPEG":
+    return pixels, data
+  buffer = io.BytesIO()
+  rgb.save(buffer, format="PNG")
+  return pixels, buffer.getvalue()
+
+
+def read_label_png(path: str, what: str, grayscale: bool = False) -> np.ndarray:
+  """Reads a label image as its stored values, uint8 [H, W].
+
+  Args:
+    path: the PNG file.
+    what: the task, for error messages.
+    grayscale: convert to luminance first (saliency maps that may be stored as RGB).
+  """
+  require_file(path, f"{what} label")
+  try:
+    with Image.open(path) as image:
+      image.load()
+      if grayscale and image.mode != "L":
+        image = image.convert("L")
+      if image.mode not in ("L", "P"):
+        raise DataError(f"{what} label {path} has PIL mode {image.mode!r}; expected a "
+                        "single-channel 8-bit PNG ('L' or palette 'P')")
+      return np.array(image, dtype=np.uint8)
+  except DataError:
+    raise
+  except Exception as e:
+    raise DataError(f"cannot decode {what} label {path}: {e}") from e
+
+
+def check_shape(label: np.ndarray, shape: Sequence[int], path: str, what: str) -> None:
+  if tuple(label.shape[:2]) != tuple(shape):
+    raise DataError(f"{what} label {path} is {label.shape[0]}x{label.shape[1]} but its image is "
+                    f"{shape[0]}x{shape[1]}")
+
+
+def check_values(label: np.ndarray, allowed: Iterable[int], path: str, what: str) -> None:
+  """Raises DataError naming the file if `label` holds a value outside `allowed`."""
+  allowed = np.asarray(sorted(set(allowed)))
+  present = np.unique(label)
+  bad = present[~np.isin(present, allowed)]
+  if bad.size:
+    raise DataError(f"{what} label {path} holds unexpected values {bad[:10].tolist()}; expected "
+                    f"{_describe(allowed)}")
+
+
+def _describe(values: np.ndarray) -> str:
+  values = values.tolist()
+  runs, start = [], values[0]
+  for prev, cur in zip(values, values[1:] + [None]):
+    if cur is None or cur != prev + 1:
+      runs.append(f"{start}" if start == prev else f"{start}..{prev}")
+      start = cur
+  return ", ".join(runs)

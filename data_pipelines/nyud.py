@@ -1,0 +1,92 @@
+"""Reader for NYUD-v2 in the published NYUD_MT layout (the multi-task survey code's archive).
+
+Layout under the root folder:
+  images/<id>.jpg          RGB, 480x640
+  segmentation/<id>.png    uint8, 0 = void, 1..40 = the 40 NYU classes
+  depth/<id>.npy           float metres, 0 = no reading
+  gt_sets/{train,val}.txt  ids, one a line
+(`edge/` and `normals/` are not used.) Only the files of the requested tasks are read.
+"""
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from data_pipelines import io_utils
+
+NAME = "nyud"
+TASKS = ("semseg", "depth")
+NUM_SEMSEG_CLASSES = 40
+IGNORE_LABEL = 255
+PUBLISHED_SPLIT_SIZES = {"train": 795, "val": 654}
+HOW_TO_GET = (
+    "Download and extract the published NYUD_MT archive of the multi-task survey code (Google Drive "
+    "id 14EAEMXmd3zs2hIMY63UhHPSFPDAkiTzw; see REFERENCE.md) and point config.dataset.data_dir at "
+    "the extracted NYUD_MT folder, or write synthetic data in the same layout with "
+    "`python -m data_pipelines.synthetic --dataset nyud --out DIR`.")
+
+
+def check_root(root: str) -> None:
+  io_utils.require_dir(root, "NYUD_MT", HOW_TO_GET)
+
+
+def split_ids(root: str, split: str) -> list[str]:
+  """The image ids of a split, from `gt_sets/<split>.txt`."""
+  check_root(root)
+  return io_utils.read_split_file(os.path.join(root, "gt_sets", f"{split}.txt"),
+                                  PUBLISHED_SPLIT_SIZES.get(split), HOW_TO_GET)
+
+
+def decode_semseg(raw: np.ndarray, path: str) -> np.ndarray:
+  """Maps the stored 0..40 (0 = void) to 0..39 with 255 = ignore, uint8 [H, W]."""
+  io_utils.check_values(raw, range(NUM_SEMSEG_CLASSES + 1), path, "semseg")
+  return np.where(raw == 0, IGNORE_LABEL, raw.astype(np.int32) - 1).astype(np.uint8)
+
+
+def read_depth(path: str, shape: Sequence[int]) -> np.ndarray:
+  """Loads a depth map in metres, float32 [H, W]; 0 marks pixels without a reading."""
+  io_utils.require_file(path, "depth label")
+  try:
+    depth = np.load(path, allow_pickle=False)
+  except Exception as e:
+    raise io_utils.DataError(f"cannot load depth label {path}: {e}") from e
+  if depth.ndim == 3 and depth.shape[-1] == 1:
+    depth = depth[..., 0]
+  if depth.ndim != 2 or not np.issubdtype(depth.dtype, np.number):
+    raise io_utils.DataError(f"depth label {path} is {depth.dtype} of shape {depth.shape}; "
+                             "expected a 2-D float array")
+  io_utils.check_shape(depth, shape, path, "depth")
+  depth = depth.astype(np.float32)
+  if not np.all(np.isfinite(depth)) or depth.min() < 0:
+    raise io_utils.DataError(f"depth label {path} holds negative or non-finite values; expected "
+                             "metres >= 0 (0 = no reading)")
+  return depth
+
+
+def read_example(root: str, image_id: str, tasks: Sequence[str]) -> dict:
+  """Reads and validates one frame.
+
+  Args:
+    root: the NYUD_MT folder.
+    image_id: the id as listed in the split file.
+    tasks: subset of ("semseg", "depth").
+
+  Returns:
+    {"image": uint8 [H, W, 3], "image_bytes": encoded image, "image_id": str,
+     "semseg": uint8 [H, W] (0..39, 255 ignore), "depth": float32 [H, W]} (labels of `tasks` only).
+  """
+  unknown = set(tasks) - set(TASKS)
+  if unknown:
+    raise ValueError(f"NYUD-v2 has no task(s) {sorted(unknown)}; available: {TASKS}")
+  image, image_bytes = io_utils.read_rgb_image(os.path.join(root, "images", f"{image_id}.jpg"))
+  example = {"image": image, "image_bytes": image_bytes, "image_id": image_id}
+  shape = image.shape[:2]
+  if "semseg" in tasks:
+    path = os.path.join(root, "segmentation", f"{image_id}.png")
+    raw = io_utils.read_label_png(path, "semseg")
+    io_utils.check_shape(raw, shape, path, "semseg")
+    example["semseg"] = decode_semseg(raw, path)
+  if "depth" in tasks:
+    example["depth"] = read_depth(os.path.join(root, "depth", f"{image_id}.npy"), shape)
+  return example
