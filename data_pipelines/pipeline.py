@@ -18,6 +18,7 @@ import math
 import os
 from collections.abc import Iterator
 
+from absl import flags
 import grain
 import ml_collections
 import numpy as np
@@ -78,6 +79,10 @@ def _with_workers(ds: grain.IterDataset, cfg: ml_collections.ConfigDict) -> grai
   workers = int(cfg.get("num_workers", 0))
   if workers <= 0:
     return ds
+  if not flags.FLAGS.is_parsed():
+    # grain's worker machinery reads its absl flags; outside an absl app (tests, notebooks) nobody
+    # parsed them, so take the defaults.
+    flags.FLAGS.mark_as_parsed()
   return ds.mp_prefetch(grain.MultiprocessingOptions(
       num_workers=workers, per_worker_buffer_size=int(cfg.get("worker_buffer_size", 2))))
 

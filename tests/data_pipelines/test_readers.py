@@ -1,0 +1,337 @@
+"""Readers and builders: the real samples round-trip, task subsets, and every bad input's error."""
+
+import os
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import scipy.io
+from PIL import Image
+
+from data_pipelines import builders
+from data_pipelines import config as config_lib
+from data_pipelines import io_utils
+from data_pipelines import nyud
+from data_pipelines import pascal_context
+from data_pipelines import pipeline
+from data_pipelines import synthetic
+from data_pipelines import transforms
+
+SIZE = (24, 32)
+
+pytestmark = pytest.mark.filterwarnings("ignore::data_pipelines.io_utils.SplitSizeWarning")
+
+
+@pytest.fixture(scope="module")
+def base_dirs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("base")
+  synthetic.write_nyud(str(root / "NYUD_MT"), num_train=2, num_val=1, seed=0, height=SIZE[0],
+                       width=SIZE[1])
+  synthetic.write_pascal(str(root / "PASCAL_MT"), num_train=2, num_val=1, seed=0,
+                         height=SIZE[0], width=SIZE[1])
+  return {"nyud": str(root / "NYUD_MT"), "pascal": str(root / "PASCAL_MT")}
+
+
+@pytest.fixture
+def nyud_copy(base_dirs, tmp_path):
+  path = tmp_path / "NYUD_MT"
+  shutil.copytree(base_dirs["nyud"], path)
+  return str(path)
+
+
+@pytest.fixture
+def pascal_copy(base_dirs, tmp_path):
+  path = tmp_path / "PASCAL_MT"
+  shutil.copytree(base_dirs["pascal"], path)
+  return str(path)
+
+
+def dataset_config(name, data_dir, tasks=None, **overrides):
+  cfg = config_lib.get_dataset_config(name)
+  cfg.data_dir = data_dir
+  if tasks is not None:
+    cfg.tasks = tasks
+  cfg.train_size = cfg.eval_size = cfg.eval_label_size = SIZE
+  for key, value in overrides.items():
+    cfg[key] = value
+  return cfg
+
+
+# ----------------------------------------------------------------------------- real samples
+
+
+def test_real_nyud_sample_round_trips_through_the_builder(shared_data_dir, tmp_path):
+  root = str(shared_data_dir / "nyud_mt_sample")
+  builder = builders.get_builder("nyud", ("semseg", "depth"), str(tmp_path))
+  with pytest.warns(io_utils.SplitSizeWarning, match="published split has 795"):
+    builders.prepare(builder, root)
+  assert builder.name == "nyud_v2_mt" and builder.info.file_format.value == "array_record"
+  source = builder.as_data_source(split="val")
+  ids = [line.strip() for line in open(os.path.join(root, "gt_sets", "val.txt")) if line.strip()]
+  assert len(source) == len(ids)
+  for index, image_id in enumerate(ids):
+    record = source[index]
+    assert record["image_id"].decode() == image_id
+    raw_seg = np.asarray(Image.open(os.path.join(root, "segmentation", f"{image_id}.png")))
+    expected = np.where(raw_seg == 0, 255, raw_seg.astype(int) - 1)
+    np.testing.assert_array_equal(record["semseg"][..., 0], expected)
+    assert set(np.unique(record["semseg"])) == set(np.unique(expected))
+    np.testing.assert_array_equal(
+        record["depth"], np.load(os.path.join(root, "depth", f"{image_id}.npy")))
+    np.testing.assert_array_equal(
+        record["image"], np.asarray(Image.open(os.path.join(root, "images", f"{image_id}.jpg"))))
+    np.testing.assert_array_equal(record["original_size"], [480, 640])
+
+
+def test_real_nyud_sample_eval_batch_keeps_label_values(shared_data_dir, tmp_path):
+  root = str(shared_data_dir / "nyud_mt_sample")
+  cfg = config_lib.get_dataset_config("nyud")
+  cfg.data_dir, cfg.prepared_dir = root, str(tmp_path)
+  cfg.eval_size = (240, 320)
+  batch = next(iter(pipeline.create_eval_dataset(cfg, 2)))
+  assert batch["image"].shape == (2, 240, 320, 3)
+  for i, image_id in enumerate(batch["image_id"]):
+    raw_seg = np.asarray(Image.open(os.path.join(root, "segmentation", f"{image_id}.png")))
+    np.testing.assert_array_equal(batch["semseg"][i], np.where(raw_seg == 0, 255, raw_seg - 1))
+    np.testing.assert_array_equal(batch["depth"][i],
+                                  np.load(os.path.join(root, "depth", f"{image_id}.npy")))
+    assert (batch["depth"][i] == 0).mean() > 0.1  # invalid pixels stay 0
+
+
+def _pascal_from_real_samples(samples: str, out: str) -> dict[str, dict[str, np.ndarray]]:
+  """A PASCAL_MT folder from the real Person-Part and VOC labels; returns the expected labels."""
+  part_names = {1: "head", 2: "torso", 3: "luarm", 4: "llarm", 5: "luleg", 6: "llleg"}
+  for sub in ("JPEGImages", "ImageSets/Context", "semseg/VOC12", "human_parts", "sal_distill"):
+    os.makedirs(os.path.join(out, sub), exist_ok=True)
+  expected = {}
+  for folder in ("Person", "VOC"):
+    for name in sorted(os.listdir(os.path.join(samples, folder))):
+      if not name.endswith(".jpg"):
+        continue
+      image_id = name[:-4]
+      shutil.copy(os.path.join(samples, folder, name), os.path.join(out, "JPEGImages", name))
+      label = np.asarray(Image.open(os.path.join(samples, folder, f"{image_id}.png")))
+      if folder == "Person":
+        parts = label
+        person = parts > 0
+        semseg = np.where(person, 15, 0).astype(np.uint8)
+        objects = [("person", 15, person,
+                    [(part_names[p], parts == p) for p in range(1, 7) if (parts == p).any()])]
+        expected_parts = parts
+      else:
+        semseg = label
+        objects = [("car", 7, label == 7, [])]
+        expected_parts = np.full(label.shape, 255, np.uint8)
+      Image.fromarray(semseg).save(os.path.join(out, "semseg", "VOC12", f"{image_id}.png"))
+      sal = np.where((semseg > 0) & (semseg < 255), 255, 0).astype(np.uint8)
+      Image.fromarray(sal).save(os.path.join(out, "sal_distill", f"{image_id}.png"))
+      scipy.io.savemat(os.path.join(out, "human_parts", f"{image_id}.mat"),
+                       {"anno": synthetic._mat_struct(objects)})  # pylint: disable=protected-access
+      expected[image_id] = {"semseg": semseg, "human_parts": expected_parts, "sal": sal // 255}
+  ids = sorted(expected)
+  for split in ("train", "val"):
+    with open(os.path.join(out, "ImageSets", "Context", f"{split}.txt"), "w") as f:
+      f.write("\n".join(ids) + "\n")
+  return expected
+
+
+def test_real_pascal_labels_round_trip_through_the_builder(shared_data_dir, tmp_path):
+  root = str(tmp_path / "PASCAL_MT")
+  expected = _pascal_from_real_samples(str(shared_data_dir / "pascal_samples"), root)
+  builder = builders.get_builder("pascal", pascal_context.TASKS, str(tmp_path / "prepared"))
+  builders.prepare(builder, root)
+  source = builder.as_data_source(split="train")
+  assert len(source) == len(expected)
+  saw_parts = False
+  for index in range(len(source)):
+    record = source[index]
+    labels = expected[record["image_id"].decode()]
+    for task in ("semseg", "human_parts", "sal"):
+      np.testing.assert_array_equal(record[task][..., 0], labels[task], err_msg=task)
+    saw_parts |= bool(set(np.unique(record["human_parts"])) >= set(range(7)))
+  assert saw_parts
+
+
+# ----------------------------------------------------------------------------- task subsets
+
+
+def test_only_the_requested_tasks_files_are_needed(nyud_copy, tmp_path):
+  shutil.rmtree(os.path.join(nyud_copy, "depth"))
+  cfg = dataset_config("nyud", nyud_copy, tasks=("semseg",))
+  batch = next(iter(pipeline.create_train_dataset(cfg, 2, seed=0)))
+  assert set(batch) == {"image", "semseg"}
+  with pytest.raises(FileNotFoundError, match=r"depth label .*depth/000000\.npy"):
+    pipeline.num_examples(dataset_config("nyud", nyud_copy, prepared_dir=str(tmp_path / "p")),
+                          "train")
+
+
+def test_pascal_task_subset(pascal_copy):
+  shutil.rmtree(os.path.join(pascal_copy, "human_parts"))
+  cfg = dataset_config("pascal", pascal_copy, tasks=("sal", "semseg"))
+  batch = next(iter(pipeline.create_train_dataset(cfg, 2, seed=0)))
+  assert set(batch) == {"image", "semseg", "sal"}
+  with pytest.raises(ValueError, match="has no task"):
+    builders.get_builder("pascal", ("depth",), pascal_copy + "_x")
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+def test_missing_or_unset_data_folder_says_how_to_get_the_data(tmp_path):
+  missing = str(tmp_path / "nowhere" / "NYUD_MT")
+  with pytest.raises(FileNotFoundError, match=r"nowhere/NYUD_MT not found.*NYUD_MT archive"
+                     r".*data_pipelines\.synthetic"):
+    pipeline.create_train_dataset(dataset_config("nyud", missing), 2, seed=0)
+  with pytest.raises(FileNotFoundError, match=r"data_dir is empty.*PASCAL_MT\.tgz"):
+    pipeline.create_eval_dataset(dataset_config("pascal", ""), 2)
+
+
+def test_missing_split_file(nyud_copy, pascal_copy):
+  os.remove(os.path.join(nyud_copy, "gt_sets", "val.txt"))
+  with pytest.raises(FileNotFoundError, match=r"split file .*gt_sets/val\.txt not found"):
+    nyud.split_ids(nyud_copy, "val")
+  os.remove(os.path.join(pascal_copy, "ImageSets", "Context", "train.txt"))
+  with pytest.raises(FileNotFoundError, match=r"ImageSets/Context/train\.txt not found"):
+    pipeline.num_examples(dataset_config("pascal", pascal_copy), "train")
+
+
+def test_split_size_differing_from_published_warns(nyud_copy):
+  with pytest.warns(io_utils.SplitSizeWarning, match=r"lists 2 images; the published split has 795"):
+    assert nyud.split_ids(nyud_copy, "train") == ["000000", "000001"]
+
+
+@pytest.mark.parametrize("relative", ["images/000001.jpg", "segmentation/000001.png",
+                                      "depth/000001.npy"])
+def test_missing_nyud_file(nyud_copy, relative):
+  os.remove(os.path.join(nyud_copy, relative))
+  with pytest.raises(FileNotFoundError, match=relative.replace(".", r"\.") + " not found"):
+    nyud.read_example(nyud_copy, "000001", nyud.TASKS)
+
+
+@pytest.mark.parametrize("relative", ["JPEGImages/2008_000001.jpg", "human_parts/2008_000001.mat",
+                                      "sal_distill/2008_000001.png"])
+def test_missing_pascal_file(pascal_copy, relative):
+  os.remove(os.path.join(pascal_copy, relative))
+  with pytest.raises(FileNotFoundError, match=relative.replace(".", r"\.") + " not found"):
+    pascal_context.read_example(pascal_copy, "2008_000001", pascal_context.TASKS)
+
+
+def test_missing_pascal_semseg_names_both_places(pascal_copy):
+  for sub in ("VOC12", "pascal-context"):
+    path = os.path.join(pascal_copy, "semseg", sub, "2008_000001.png")
+    if os.path.exists(path):
+      os.remove(path)
+  with pytest.raises(FileNotFoundError, match=r"VOC12/2008_000001\.png nor .*pascal-context"):
+    pascal_context.read_example(pascal_copy, "2008_000001", ("semseg",))
+
+
+def test_wrong_label_size_through_the_pipeline(nyud_copy):
+  path = os.path.join(nyud_copy, "segmentation", "000001.png")
+  Image.fromarray(np.ones((SIZE[0] + 1, SIZE[1]), np.uint8)).save(path)
+  with pytest.raises(io_utils.DataError,
+                     match=r"semseg label .*000001\.png is 25x32 but its image is 24x32"):
+    pipeline.create_train_dataset(dataset_config("nyud", nyud_copy), 2, seed=0)
+
+
+def test_wrong_depth_size_and_bad_depth_values(nyud_copy):
+  path = os.path.join(nyud_copy, "depth", "000000.npy")
+  np.save(path, np.ones((SIZE[0], SIZE[1] + 2), np.float32))
+  with pytest.raises(io_utils.DataError, match=r"depth label .*000000\.npy is 24x34"):
+    nyud.read_example(nyud_copy, "000000", ("depth",))
+  np.save(path, -np.ones(SIZE, np.float32))
+  with pytest.raises(io_utils.DataError, match=r"000000\.npy holds negative or non-finite"):
+    nyud.read_example(nyud_copy, "000000", ("depth",))
+  with open(path, "wb") as f:
+    f.write(b"not numpy")
+  with pytest.raises(io_utils.DataError, match=r"cannot load depth label .*000000\.npy"):
+    nyud.read_example(nyud_copy, "000000", ("depth",))
+
+
+def test_unreadable_image(pascal_copy):
+  path = os.path.join(pascal_copy, "JPEGImages", "2008_000000.jpg")
+  with open(path, "wb") as f:
+    f.write(b"\xff\xd8 truncated jpeg")
+  with pytest.raises(io_utils.DataError, match=r"cannot decode image .*2008_000000\.jpg"):
+    pascal_context.read_example(pascal_copy, "2008_000000", ("sal",))
+
+
+def test_unreadable_or_malformed_mat(pascal_copy):
+  path = os.path.join(pascal_copy, "human_parts", "2008_000000.mat")
+  with open(path, "wb") as f:
+    f.write(b"MATLAB garbage")
+  with pytest.raises(io_utils.DataError, match=r"cannot read human_parts file .*2008_000000\.mat"):
+    pascal_context.read_example(pascal_copy, "2008_000000", ("human_parts",))
+  scipy.io.savemat(path, {"something_else": np.zeros(3)})
+  with pytest.raises(io_utils.DataError, match="cannot read human_parts file"):
+    pascal_context.read_example(pascal_copy, "2008_000000", ("human_parts",))
+  mask = np.ones(SIZE, bool)
+  scipy.io.savemat(path, {"anno": synthetic._mat_struct(  # pylint: disable=protected-access
+      [("person", 15, mask, [("tail", mask)])])})
+  with pytest.raises(io_utils.DataError, match=r"unknown person part name 'tail'"):
+    pascal_context.read_example(pascal_copy, "2008_000000", ("human_parts",))
+  small = np.ones((3, 3), bool)
+  scipy.io.savemat(path, {"anno": synthetic._mat_struct(  # pylint: disable=protected-access
+      [("person", 15, small, [("head", small)])])})
+  with pytest.raises(io_utils.DataError, match=r"mask of part 'head' .* is \(3, 3\)"):
+    pascal_context.read_example(pascal_copy, "2008_000000", ("human_parts",))
+
+
+def test_human_parts_decoding_rules(pascal_copy):
+  path = os.path.join(pascal_copy, "human_parts", "2008_000000.mat")
+  shape = np.asarray(Image.open(os.path.join(pascal_copy, "JPEGImages", "2008_000000.jpg"))).shape
+  head = np.zeros(shape[:2], bool)
+  head[:4, :4] = True
+  hand = np.zeros_like(head)
+  hand[10, 10] = True
+  wheel = np.zeros_like(head)
+  wheel[15:, 20:] = True
+  scipy.io.savemat(path, {"anno": synthetic._mat_struct([  # pylint: disable=protected-access
+      ("car", 7, wheel, [("wheel_1", wheel)]),  # not a person: its parts are not human parts
+      ("person", 15, head | hand, [("nose", head), ("rhand", hand)])])})
+  parts = pascal_context.read_example(pascal_copy, "2008_000000", ("human_parts",))["human_parts"]
+  assert parts[0, 0] == 1 and parts[10, 10] == 4 and parts[16, 21] == 0
+  assert set(np.unique(parts)) == {0, 1, 4}
+  # No person part at all: the whole map is ignore.
+  scipy.io.savemat(path, {"anno": synthetic._mat_struct(  # pylint: disable=protected-access
+      [("car", 7, wheel, []), ("person", 15, head, [])])})
+  parts = pascal_context.read_example(pascal_copy, "2008_000000", ("human_parts",))["human_parts"]
+  assert np.all(parts == 255)
+
+
+@pytest.mark.parametrize("dataset,value", [("nyud", 41), ("pascal", 21)])
+def test_unexpected_label_value(nyud_copy, pascal_copy, dataset, value):
+  if dataset == "nyud":
+    root, path, reader, image_id = (nyud_copy, os.path.join(nyud_copy, "segmentation",
+                                                            "000000.png"), nyud, "000000")
+  else:
+    image_id = "2008_000000"
+    root, reader = pascal_copy, pascal_context
+    path = pascal_context.semseg_path(pascal_copy, image_id)
+  label = np.asarray(Image.open(path)).copy()
+  label[3, 5] = value
+  Image.fromarray(label).save(path)
+  with pytest.raises(io_utils.DataError,
+                     match=rf"semseg label .*{image_id}\.png holds unexpected values \[{value}\]"):
+    reader.read_example(root, image_id, ("semseg",))
+
+
+def test_label_of_the_wrong_kind(nyud_copy):
+  path = os.path.join(nyud_copy, "segmentation", "000000.png")
+  Image.fromarray(np.zeros((*SIZE, 3), np.uint8)).save(path)
+  with pytest.raises(io_utils.DataError, match=r"000000\.png has PIL mode 'RGB'"):
+    nyud.read_example(nyud_copy, "000000", ("semseg",))
+
+
+def test_duplicate_ids_in_a_split(nyud_copy):
+  with open(os.path.join(nyud_copy, "gt_sets", "train.txt"), "a") as f:
+    f.write("000000\n")
+  with pytest.raises(io_utils.DataError, match=r"lists ids more than once: \['000000'\]"):
+    nyud.split_ids(nyud_copy, "train")
+
+
+def test_eval_label_canvas_too_small(pascal_copy):
+  cfg = dataset_config("pascal", pascal_copy, eval_label_size=(8, 8))
+  with pytest.raises(ValueError, match="does not fit the eval_label_size canvas 8x8"):
+    next(iter(pipeline.create_eval_dataset(cfg, 1)))
+  assert transforms.pad_to_canvas(np.ones((2, 3)), (4, 4), 255).shape == (4, 4)
