@@ -20,6 +20,11 @@ TASKS = ("semseg", "depth")
 NUM_SEMSEG_CLASSES = 40
 IGNORE_LABEL = 255
 PUBLISHED_SPLIT_SIZES = {"train": 795, "val": 654}
+# 0-based ids (after the void shift) of the classes the synthetic scenes use.
+NYU_CLASS_IDS = {
+    "wall": 0, "floor": 1, "cabinet": 2, "bed": 3, "chair": 4, "sofa": 5, "table": 6, "door": 7,
+    "window": 8, "bookshelf": 9, "picture": 10, "ceiling": 21,
+}
 HOW_TO_GET = (
     "Download and extract the published NYUD_MT archive of the multi-task survey code (Google Drive "
     "id 14EAEMXmd3zs2hIMY63UhHPSFPDAkiTzw; see REFERENCE.md) and point config.dataset.data_dir at "

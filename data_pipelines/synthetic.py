@@ -18,6 +18,7 @@ Usage:
 
 import argparse
 import dataclasses
+import io
 import math
 import os
 import sys
@@ -297,7 +298,9 @@ def render_room(rng: np.random.Generator, height: int, width: int):
 
   depth = best_t.reshape(height, width).astype(np.float32)
   depth[sky.reshape(height, width)] = 0.0  # the sensor gets no reading through glass
-  for _ in range(rng.integers(0, 3)):  # small dropouts, as the Kinect has
+  if rng.random() < 0.5:  # the registered Kinect depth often lacks a band at the left edge
+    depth[:, :max(1, width // 40)] = 0.0
+  for _ in range(rng.integers(1, 4)):  # small dropouts
     y0, x0 = rng.integers(0, height), rng.integers(0, width)
     depth[y0:y0 + max(1, height // 30), x0:x0 + max(1, width // 30)] = 0.0
 
@@ -487,6 +490,16 @@ def _mat_struct(objects: list[tuple[str, int, np.ndarray, list[tuple[str, np.nda
   return anno
 
 
+def _save_mat(path: str, variables: dict) -> None:
+  """scipy.io.savemat with a fixed header text (scipy writes the time), so that a seed fixes bytes."""
+  buffer = io.BytesIO()
+  scipy.io.savemat(buffer, variables)
+  data = bytearray(buffer.getvalue())
+  data[:116] = b"MATLAB 5.0 MAT-file, written by data_pipelines.synthetic".ljust(116)
+  with open(path, "wb") as f:
+    f.write(bytes(data))
+
+
 def render_pascal(rng: np.random.Generator, height: int, width: int):
   """Renders one synthetic PASCAL image.
 
@@ -603,8 +616,8 @@ def write_pascal(out_dir: str, num_train: int, num_val: int, seed: int, height: 
       sem_path = os.path.join(out_dir, "semseg", "pascal-context", f"{image_id}.png")
     Image.fromarray(semseg, mode="L").save(sem_path)
     Image.fromarray(sal, mode="L").save(os.path.join(out_dir, "sal_distill", f"{image_id}.png"))
-    scipy.io.savemat(os.path.join(out_dir, "human_parts", f"{image_id}.mat"),
-                     {"anno": _mat_struct(objects)})
+    _save_mat(os.path.join(out_dir, "human_parts", f"{image_id}.mat"),
+              {"anno": _mat_struct(objects)})
   _write_split(os.path.join(out_dir, "ImageSets", "Context", "train.txt"), train)
   _write_split(os.path.join(out_dir, "ImageSets", "Context", "val.txt"), val)
 

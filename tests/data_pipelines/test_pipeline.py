@@ -170,3 +170,31 @@ def test_resume_mid_epoch_equals_uninterrupted(dataset, tmp_path):
     fresh = iter(pipeline.create_train_dataset(cfg, 4, seed=5))
     manager.restore(4, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(fresh)))
   assert_batches_equal(take(fresh, 2), reference[4:])
+
+
+def test_worker_processes_give_the_same_batches_and_resume(dataset):
+  name, cfg = dataset
+  reference = take(iter(pipeline.create_train_dataset(cfg, 2, seed=2)), 5)
+  parallel = make_config(name, cfg.data_dir, num_workers=2, worker_buffer_size=1)
+  it = iter(pipeline.create_train_dataset(parallel, 2, seed=2))
+  try:
+    assert_batches_equal(take(it, 3), reference[:3])
+    state = it.get_state()
+  finally:
+    it.close()
+  resumed = iter(pipeline.create_train_dataset(parallel, 2, seed=2))
+  try:
+    resumed.set_state(state)
+    assert_batches_equal(take(resumed, 2), reference[3:])
+  finally:
+    resumed.close()
+
+
+def test_input_pipeline_benchmark_smoke(capsys):
+  from benchmarks import input_pipeline  # pylint: disable=g-import-not-at-top
+  assert input_pipeline.main(["--height", "24", "--width", "32", "--steps", "2", "--warmup", "1",
+                              "--batch-size", "2", "--num-train", "4", "--workers", "0"]) == 0
+  out = capsys.readouterr().out
+  assert "wrote 4 synthetic 24x32 frames" in out
+  rate = float(out.split("workers=0: ")[1].split(" images/s")[0])
+  assert rate > 0
