@@ -144,20 +144,20 @@ WALL_ITEMS = ("picture", "window", "door")
 def _room(rng: np.random.Generator):
   """Samples a room: its size, camera pose, furniture and wall items."""
   room = {
-      "left": -rng.uniform(1.6, 2.6), "right": rng.uniform(1.6, 2.6),
-      "back": rng.uniform(4.0, 6.0), "front": -0.5, "height": rng.uniform(2.5, 3.0),
+      "left": -rng.uniform(1.5, 2.4), "right": rng.uniform(1.5, 2.4),
+      "back": rng.uniform(3.5, 5.5), "front": -0.5, "height": rng.uniform(2.5, 3.0),
   }
   boxes: list[_Box] = []
   footprints = []
   names = list(FURNITURE)
   weights = np.array([FURNITURE[n][1] for n in names])
   instance = 1
-  for _ in range(rng.integers(3, 7)):
+  for _ in range(rng.integers(4, 9)):
     name = names[rng.choice(len(names), p=weights / weights.sum())]
     half = FURNITURE[name][0] + 0.15
     for _ in range(20):
-      x = rng.uniform(room["left"] + half, room["right"] - half)
-      z = rng.uniform(1.4 + half, room["back"] - half)
+      x = rng.uniform(room["left"] + half, max(room["left"] + half, room["right"] - half))
+      z = rng.uniform(1.1 + half, max(1.1 + half, room["back"] - half))
       if rng.random() < 0.5:  # against the back wall
         z = room["back"] - half + 0.1
       if all(abs(x - fx) > half + fh or abs(z - fz) > half + fh for fx, fz, fh in footprints):
@@ -167,7 +167,7 @@ def _room(rng: np.random.Generator):
         break
   # Wall items on the back wall (thin boxes 2 cm in front of it), without overlaps.
   spans = []
-  for _ in range(rng.integers(1, 4)):
+  for _ in range(rng.integers(2, 5)):
     name = WALL_ITEMS[rng.integers(len(WALL_ITEMS))]
     if name == "door":
       w, y0, y1 = rng.uniform(0.8, 1.0), 0.0, 2.05
@@ -189,7 +189,7 @@ def _room(rng: np.random.Generator):
       instance += 1
   camera = {
       "x": rng.uniform(-0.3, 0.3), "y": rng.uniform(1.1, 1.6),
-      "pitch": math.radians(rng.uniform(8, 22)), "yaw": math.radians(rng.uniform(-15, 15)),
+      "pitch": math.radians(rng.uniform(2, 15)), "yaw": math.radians(rng.uniform(-15, 15)),
   }
   colours = {
       "wall": _jitter(rng, rng.choice([(210, 200, 180), (190, 205, 215), (220, 210, 200),
