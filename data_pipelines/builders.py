@@ -23,7 +23,6 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from data_pipelines import io_utils
 from data_pipelines import nyud
 from data_pipelines import pascal_context
 
@@ -160,6 +159,3 @@ def prepare(builder: tfds.core.DatasetBuilder, data_dir: str) -> None:
       file_format=FILE_FORMAT,
       download_config=tfds.download.DownloadConfig(
           manual_dir=data_dir, try_download_gcs=False))
-
-
-__all__ = ["NyudV2Mt", "PascalContextMt", "get_builder", "prepare", "io_utils"]

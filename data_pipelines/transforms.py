@@ -124,9 +124,17 @@ def resize(example: Mapping[str, np.ndarray], size: Sequence[int],
   return out
 
 
+_NORM_SCALE = (1.0 / (255.0 * IMAGENET_STD)).astype(np.float32)
+_NORM_OFFSET = (IMAGENET_MEAN / IMAGENET_STD).astype(np.float32)
+
+
 def normalize_image(image: np.ndarray) -> np.ndarray:
-  """uint8 [H, W, 3] -> float32 [H, W, 3] with the ImageNet mean and standard deviation."""
-  return (image.astype(np.float32) * np.float32(1 / 255) - IMAGENET_MEAN) / IMAGENET_STD
+  """uint8 [H, W, 3] -> float32 [H, W, 3]: (image / 255 - ImageNet mean) / ImageNet std."""
+  out = image.astype(np.float32)
+  # In place, as one scale and one shift: this is a hot loop of the input pipeline.
+  out *= _NORM_SCALE
+  out -= _NORM_OFFSET
+  return out
 
 
 def pad_to_canvas(label: np.ndarray, size: Sequence[int], fill: float) -> np.ndarray:
