@@ -14,10 +14,14 @@ Features of every example:
 """
 
 import dataclasses
+import hashlib
 import inspect
+import json
 import os
+import shutil
 from collections.abc import Sequence
 
+from absl import logging
 from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
@@ -93,7 +97,7 @@ class _MultiTaskBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     root = os.fspath(dl_manager.manual_dir)
     reader = READERS[self.DATASET]
     reader.check_root(root)
-    return {split: self._generate_examples(root, split) for split in ("train", "val")}
+    return {split: self._generate_examples(root, split) for split in SPLITS}
 
   def _generate_examples(self, root: str, split: str):
     reader = READERS[self.DATASET]
@@ -150,12 +154,56 @@ def get_builder(dataset: str, tasks: Sequence[str], prepared_dir: str) -> tfds.c
                            file_format=FILE_FORMAT)
 
 
-def prepare(builder: tfds.core.DatasetBuilder, data_dir: str) -> None:
-  """Builds the array_record copy from the extracted folder `data_dir` unless it exists."""
+SPLITS = ("train", "val")
+FINGERPRINT_FILE = "source_fingerprint.json"
+
+
+def source_fingerprint(dataset: str, data_dir: str) -> dict | None:
+  """What identifies an extracted folder's content cheaply: its path and its split files' bytes
+  and modification times (rewriting a folder rewrites them). None when the folder is absent."""
+  if not data_dir or not os.path.isdir(data_dir):
+    return None
+  splits = {}
+  for split in SPLITS:
+    path = os.path.join(data_dir, READERS[dataset].SPLIT_FILE.format(split=split))
+    if os.path.isfile(path):
+      with open(path, "rb") as f:
+        digest = hashlib.sha1(f.read()).hexdigest()
+      splits[split] = {"sha1": digest, "mtime_ns": os.stat(path).st_mtime_ns}
+  return {"data_dir": os.path.realpath(data_dir), "split_files": splits}
+
+
+def prepare(builder: tfds.core.DatasetBuilder, data_dir: str) -> tfds.core.DatasetBuilder:
+  """Builds the array_record copy from the extracted folder `data_dir` unless it is up to date.
+
+  A copy prepared from another folder, or from this folder before its split files were rewritten,
+  is deleted and prepared again. Where `data_dir` is absent, an existing copy is used as it is.
+
+  Returns:
+    A builder reading the prepared copy.
+  """
+  dataset = builder.DATASET
+  fingerprint = source_fingerprint(dataset, data_dir)
+  stored_path = os.path.join(os.fspath(builder.data_dir), FINGERPRINT_FILE)
   if builder.is_prepared():
-    return
-  READERS[builder.DATASET].check_root(data_dir)
+    if fingerprint is None:
+      return builder
+    stored = None
+    if os.path.isfile(stored_path):
+      with open(stored_path, encoding="utf-8") as f:
+        stored = json.load(f)
+    if stored == fingerprint:
+      return builder
+    logging.warning("The prepared copy %s does not match %s (changed or another folder); "
+                    "preparing it again.", builder.data_dir, data_dir)
+    shutil.rmtree(os.fspath(builder.data_dir))
+    builder = type(builder)(data_dir=builder.data_dir_root, config=builder.builder_config.name,
+                            file_format=FILE_FORMAT)
+  READERS[dataset].check_root(data_dir)
   builder.download_and_prepare(
       file_format=FILE_FORMAT,
       download_config=tfds.download.DownloadConfig(
           manual_dir=data_dir, try_download_gcs=False))
+  with open(stored_path, "w", encoding="utf-8") as f:
+    json.dump(fingerprint, f, indent=2)
+  return builder

@@ -19,6 +19,7 @@ NAME = "nyud"
 TASKS = ("semseg", "depth")
 NUM_SEMSEG_CLASSES = 40
 IGNORE_LABEL = 255
+SPLIT_FILE = "gt_sets/{split}.txt"
 PUBLISHED_SPLIT_SIZES = {"train": 795, "val": 654}
 # 0-based ids (after the void shift) of the classes the synthetic scenes use.
 NYU_CLASS_IDS = {
@@ -39,7 +40,7 @@ def check_root(root: str) -> None:
 def split_ids(root: str, split: str) -> list[str]:
   """The image ids of a split, from `gt_sets/<split>.txt`."""
   check_root(root)
-  return io_utils.read_split_file(os.path.join(root, "gt_sets", f"{split}.txt"),
+  return io_utils.read_split_file(os.path.join(root, SPLIT_FILE.format(split=split)),
                                   PUBLISHED_SPLIT_SIZES.get(split), HOW_TO_GET)
 
 

@@ -24,6 +24,7 @@ NUM_SEMSEG_CLASSES = 21
 NUM_HUMAN_PARTS = 7
 IGNORE_LABEL = 255
 PERSON_CLASS = 15
+SPLIT_FILE = "ImageSets/Context/{split}.txt"
 PUBLISHED_SPLIT_SIZES = {"train": 4998, "val": 5105}
 HOW_TO_GET = (
     "Download and extract the published PASCAL_MT.tgz of the multi-task survey code (ETH vision "
@@ -50,7 +51,7 @@ def check_root(root: str) -> None:
 def split_ids(root: str, split: str) -> list[str]:
   """The image ids of a split, from `ImageSets/Context/<split>.txt`."""
   check_root(root)
-  return io_utils.read_split_file(os.path.join(root, "ImageSets", "Context", f"{split}.txt"),
+  return io_utils.read_split_file(os.path.join(root, SPLIT_FILE.format(split=split)),
                                   PUBLISHED_SPLIT_SIZES.get(split), HOW_TO_GET)
 
 

@@ -46,8 +46,7 @@ def load_source(cfg: ml_collections.ConfigDict, split: str):
     io_utils.DataError: a file of the dataset is malformed (the message names it).
   """
   builder = builders.get_builder(cfg.name, tuple(cfg.tasks), prepared_dir(cfg))
-  if not builder.is_prepared():
-    builders.prepare(builder, os.fspath(cfg.data_dir))
+  builder = builders.prepare(builder, os.fspath(cfg.data_dir))
   if split not in builder.info.splits:
     raise ValueError(f"split {split!r} not in the prepared {builder.name} at {builder.data_dir}; "
                      f"available: {sorted(builder.info.splits)}")

@@ -335,3 +335,19 @@ def test_eval_label_canvas_too_small(pascal_copy):
   with pytest.raises(ValueError, match="does not fit the eval_label_size canvas 8x8"):
     next(iter(pipeline.create_eval_dataset(cfg, 1)))
   assert transforms.pad_to_canvas(np.ones((2, 3)), (4, 4), 255).shape == (4, 4)
+
+
+def test_prepared_copy_is_redone_when_the_folder_is_rewritten(tmp_path):
+  root = str(tmp_path / "NYUD_MT")
+  synthetic.write_nyud(root, num_train=2, num_val=1, seed=0, height=SIZE[0], width=SIZE[1])
+  cfg = dataset_config("nyud", root)
+  assert pipeline.num_examples(cfg, "train") == 2
+  first = next(iter(pipeline.create_eval_dataset(cfg, 1)))["image"]
+  assert pipeline.num_examples(cfg, "train") == 2  # reused: same folder, unchanged
+  shutil.rmtree(root)
+  synthetic.write_nyud(root, num_train=3, num_val=1, seed=1, height=SIZE[0], width=SIZE[1])
+  assert pipeline.num_examples(cfg, "train") == 3
+  assert not np.array_equal(next(iter(pipeline.create_eval_dataset(cfg, 1)))["image"], first)
+  # Without the extracted folder, the prepared copy still serves.
+  shutil.rmtree(root)
+  assert pipeline.num_examples(cfg, "train") == 3
