@@ -1,0 +1,33 @@
+"""The benchmark scripts run end to end at a tiny size (no timing is asserted)."""
+
+import json
+
+from benchmarks import ifb_memory
+
+
+def test_ifb_memory_benchmark_smoke(tmp_path, capsys):
+  rows_file = tmp_path / "rows.json"
+  assert ifb_memory.main(["--grids", "4x5", "--channels", "8", "--n-iter", "2", "--repeats", "1",
+                          "--no-isolate", "--json", str(rows_file)]) == 0
+  printed = capsys.readouterr().out
+  assert "one CIB forward+backward: C=8, n_iter=2" in printed
+  rows = json.loads(rows_file.read_text())
+  assert [(r["part"], r["impl"], r["m"]) for r in rows] == [
+      ("cib", "materialized", 20), ("cib", "streamed", 20)]
+  for row in rows:
+    assert row["temp_bytes"] > 0 and row["step_s"] > 0 and row["compile_s"] > 0
+    # Arguments hold the block's parameters and two [1, 8, 10, 8] float32 feature maps.
+    assert row["argument_bytes"] >= 2 * 8 * 10 * 8 * 4
+    assert row["xla_total_bytes"] >= row["temp_bytes"] + row["argument_bytes"]
+    assert f"{row['m']:>6d}" in printed
+
+
+def test_ifb_memory_benchmark_isolated_setting_smoke(capsys):
+  """The default mode: each setting in a fresh subprocess, figures passed back as JSON."""
+  assert ifb_memory.main(["--part", "ifb", "--impls", "streamed", "--grids", "3x3",
+                          "--channels", "4", "--n-iter", "1", "--repeats", "1"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0] == "one IFB forward+backward: C=4, n_iter=1, IFB C, batch 1, sc=2"
+  row = lines[2].split()
+  assert row[:4] == ["ifb", "streamed", "3x3", "9"]
+  assert "measured =" in lines[-1]
