@@ -7,10 +7,11 @@ For each implementation and grid it prints
 
   * XLA's compile-time memory analysis: temp (scratch) bytes, argument and output bytes, and their
     sum (the step's peak device memory as XLA plans it);
-  * a measured peak: on a GPU the allocator's peak_bytes_in_use, on the CPU the peak resident set
-    size while the step runs minus the resident set size just before it (a sampling thread; large
-    allocations are made to go through mmap so freed memory is returned and reuse is visible);
-  * compile time and the median time of the step (after one untimed step).
+  * a measured peak over the first run of the compiled step: on a GPU the allocator's
+    peak_bytes_in_use (arguments included), on the CPU the peak resident set size during the run
+    minus the resident set size just before it (a sampling thread; counts the pages the run
+    touched, so it can be below XLA's plan, and includes the runtime's one-off allocations);
+  * compile time and the median time of the step over --repeats runs after the first.
 
 Each setting runs in a fresh subprocess (so one setting's peak is not another's), unless
 --no-isolate. Full run (grids 64x64 -> M = 4096 and 60x80 -> M = 4800, the NYUD 480x640 input):
@@ -133,16 +134,19 @@ def measure(part: str, impl: str, grid: tuple[int, int], channels: int, n_iter: 
   analysis = compiled.memory_analysis()
   device = jax.devices()[0]
 
-  # One untimed run first: the runtime's one-off allocations (thread pools, ...) are not the step's.
-  jax.block_until_ready(compiled(*args))
+  # The peak is taken over the first run: later runs may reuse buffers the runtime kept.
+  jax.block_until_ready(args)
   rss_before = _rss_bytes()
-  times = []
   with _PeakRss() as rss:
-    for _ in range(max(repeats, 1)):
-      start = time.perf_counter()
-      jax.block_until_ready(compiled(*args))
-      times.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    first_s = time.perf_counter() - start
   stats = device.memory_stats() or {}
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - start)
 
   xla_total = (analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
                + analysis.output_size_in_bytes - analysis.alias_size_in_bytes)
@@ -159,7 +163,8 @@ def measure(part: str, impl: str, grid: tuple[int, int], channels: int, n_iter: 
       "xla_total_bytes": xla_total,
       "measured_bytes": measured, "measured_kind": measured_kind,
       "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-      "compile_s": compile_s, "step_s": statistics.median(times),
+      "compile_s": compile_s, "first_step_s": first_s,
+      "step_s": statistics.median(times) if times else first_s,
   }
 
 
@@ -167,8 +172,6 @@ def _measure_in_subprocess(settings: dict) -> dict:
   env = dict(os.environ)
   repo_root = str(pathlib.Path(__file__).resolve().parents[1])
   env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH")) if p)
-  # Big buffers through mmap, so that freed memory leaves the RSS and the run's peak is visible.
-  env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 16))
   cmd = [sys.executable, "-m", "benchmarks.ifb_memory", "--_child", json.dumps(settings)]
   done = subprocess.run(cmd, env=env, cwd=repo_root, capture_output=True, text=True, check=False)
   if done.returncode != 0:
@@ -200,8 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--n-iter", type=int, default=18)
   parser.add_argument("--scale", type=int, default=2, help="sc, the CIB's pooling factor")
   parser.add_argument("--batch", type=int, default=1)
-  parser.add_argument("--repeats", type=int, default=2,
-                      help="timed steps, after one untimed step")
+  parser.add_argument("--repeats", type=int, default=1,
+                      help="timed steps after the first (0: time the first)")
   parser.add_argument("--no-isolate", action="store_true",
                       help="run every setting in this process (faster; peaks less separable)")
   parser.add_argument("--json", default="", help="also write the rows to this file")

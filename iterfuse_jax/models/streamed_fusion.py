@@ -13,8 +13,9 @@ online softmax in float32 (the flash-attention scheme), so that no [M, M] array 
   * the IFB's `fori_loop` therefore keeps, per iteration, one V iterate [B, M, C] and one
     log-sum-exp row vector [B, M] for the backward pass.
 
-Memory is O(M (C + block)) per task pair instead of O(M^2); the price is compute: the forward does
-the Q K^T product once per iteration instead of once per pass, and the backward does it twice.
+Memory is O(M (C + block)) per task pair instead of O(M^2). The price is compute: Q K^T and the
+exponentials are recomputed in every iteration, once in the forward and twice in the backward, about
+3x the matrix work of the materialized IFB for a forward+backward (benchmarks/ifb_memory.py).
 
 The IFB weight alpha is folded into the attention op (out = w * Co V) so that its gradient comes out
 of the same recomputation; keeping `Co V` per iteration for d/d alpha would double the saved state.
