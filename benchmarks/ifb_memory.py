@@ -83,12 +83,14 @@ class _PeakRss:
 def _build_step(part: str, impl: str, grid: tuple[int, int], channels: int, n_iter: int,
                 scale: int, batch: int):
   """Returns (jitted step, its arguments). The step returns the loss and all gradients."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
 
-  from iterfuse_jax.models import cross_task  # pylint: disable=g-import-not-at-top
-  from iterfuse_jax.models.iterative_fusion import iterative_fusion  # pylint: disable=g-import-not-at-top
-  from iterfuse_jax.models.streamed_fusion import streamed_iterative_fusion  # pylint: disable=g-import-not-at-top
+  from iterfuse_jax.models import cross_task
+  from iterfuse_jax.models.iterative_fusion import iterative_fusion
+  from iterfuse_jax.models.streamed_fusion import streamed_iterative_fusion
+  # pylint: enable=g-import-not-at-top
 
   h, w = grid
   keys = jax.random.split(jax.random.key(0), 4)
@@ -175,7 +177,8 @@ def _measure_in_subprocess(settings: dict) -> dict:
   cmd = [sys.executable, "-m", "benchmarks.ifb_memory", "--_child", json.dumps(settings)]
   done = subprocess.run(cmd, env=env, cwd=repo_root, capture_output=True, text=True, check=False)
   if done.returncode != 0:
-    raise RuntimeError(f"setting {settings} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    raise RuntimeError(
+        f"setting {settings} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
   return json.loads(done.stdout.strip().splitlines()[-1])
 
 
