@@ -2,13 +2,18 @@
 
 The config needs `dataset.name`, `dataset.tasks` and a `model` block:
 
-  model.name            "iterfuse" | "mtl" (more in MODEL_BUILDERS)
+  model.name            "iterfuse" | "mtl" | "stl" | "padnet" | "mtinet" | "densemtl"
+                        (see MODEL_BUILDERS)
   model.backbone        HRNet variant: "w18_small_v2" (the survey code's "HRNet18") or "w18"
   model.fuse_upsample   "bilinear" (segmentation codebases) or "nearest" (timm / classification)
   model.task_channels   C of the task features entering the distillation module
   model.initial_blocks  residual blocks per initial task module
   model.dtype           "float32" or "bfloat16" (activations; parameters stay float32)
   model.tpim            use_ifb, variant, n_iter, alpha_init, scale, qk_channels (0 = C), ifb_impl
+  model.densemtl.scale  optional (default 2): down-scaling of DenseMTL's correlation attention
+  model.mtinet          optional: se_reduction (default 16), the FPM's squeeze-excitation
+                        reduction; all_scale_outputs (default False), also output the coarser
+                        scales' intermediate predictions (levels "initial_scale1".."3")
 """
 
 from __future__ import annotations
@@ -21,8 +26,12 @@ import ml_collections
 
 from iterfuse_jax import tasks as task_registry
 from iterfuse_jax.models.cross_task import TaskPairInteractionModule
+from iterfuse_jax.models.densemtl import DenseMTLDistillation
 from iterfuse_jax.models.hrnet import HRNet
+from iterfuse_jax.models.mtinet import MTINet
 from iterfuse_jax.models.network import MultiTaskDenseNet
+from iterfuse_jax.models.padnet import PADNetDistillation
+from iterfuse_jax.models.stl import STLNet
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -63,12 +72,54 @@ def _mtl(config: ml_collections.ConfigDict, tasks, num_outputs, dtype) -> nn.Mod
       distillation=None, use_initial=False, dtype=dtype)
 
 
+def _stl(config: ml_collections.ConfigDict, tasks, num_outputs, dtype) -> nn.Module:
+  # One backbone + head per task; make_backbone is called per task so nothing is shared.
+  return STLNet(networks={
+      task: MultiTaskDenseNet(tasks=(task,), num_outputs={task: num_outputs[task]},
+                              backbone=make_backbone(config.model, dtype), distillation=None,
+                              use_initial=False, dtype=dtype)
+      for task in tasks})
+
+
+def _with_distillation(config, tasks, num_outputs, dtype, distillation) -> nn.Module:
+  m = config.model
+  return MultiTaskDenseNet(
+      tasks=tasks, num_outputs=num_outputs, backbone=make_backbone(m, dtype),
+      distillation=distillation, use_initial=True, task_channels=m.task_channels,
+      initial_blocks=m.initial_blocks, dtype=dtype)
+
+
+def _padnet(config: ml_collections.ConfigDict, tasks, num_outputs, dtype) -> nn.Module:
+  distillation = PADNetDistillation(tasks=tasks, channels=config.model.task_channels, dtype=dtype)
+  return _with_distillation(config, tasks, num_outputs, dtype, distillation)
+
+
+def _densemtl(config: ml_collections.ConfigDict, tasks, num_outputs, dtype) -> nn.Module:
+  options = config.model.get("densemtl") or {}
+  distillation = DenseMTLDistillation(tasks=tasks, channels=config.model.task_channels,
+                                      scale=int(options.get("scale", 2)), dtype=dtype)
+  return _with_distillation(config, tasks, num_outputs, dtype, distillation)
+
+
+def _mtinet(config: ml_collections.ConfigDict, tasks, num_outputs, dtype) -> nn.Module:
+  m = config.model
+  options = m.get("mtinet") or {}
+  return MTINet(tasks=tasks, num_outputs=num_outputs, backbone=make_backbone(m, dtype),
+                initial_blocks=m.initial_blocks,
+                se_reduction=int(options.get("se_reduction", 16)),
+                all_scale_outputs=bool(options.get("all_scale_outputs", False)), dtype=dtype)
+
+
 ModelBuilder = Callable[[ml_collections.ConfigDict, tuple, dict, object], nn.Module]
 
 # model.name -> builder(config, tasks, num_outputs, dtype).
 MODEL_BUILDERS: dict[str, ModelBuilder] = {
     "iterfuse": _iterfuse,
     "mtl": _mtl,
+    "stl": _stl,
+    "padnet": _padnet,
+    "densemtl": _densemtl,
+    "mtinet": _mtinet,
 }
 
 
