@@ -1,0 +1,353 @@
+"""Collects finished runs into the paper's comparison table (Tables 2-4), with Delta_m, size and cost.
+
+  python -m iterfuse_jax.compare /runs/nyud_stl /runs/nyud_mtl /runs/nyud_ifbC --out table.md
+
+Each workdir must hold what `iterfuse_jax.train.train_and_evaluate` writes there: `config.json`
+(the run's config) and `metrics.json` (the final evaluation: flat {"semseg/miou": 35.0, ...}).
+Runs are grouped by dataset and task set, one Markdown table per group, in the paper's form: model,
+the headline metric of every task (mIoU %, depth RMSE m, saliency maxIoU %), Delta_m (%) and the
+model's parameter count and GFLOPs.
+
+Delta_m is recomputed here from the headline metrics (`iterfuse_jax.metrics.delta_m`), against
+the measured single-task run when an STL workdir (model.name "stl") of the same dataset and tasks
+is among the inputs (or the one given with --stl), else against the paper's STL numbers (Table 2).
+
+Parameters are those of `build_model(config)` (trainable ones, BatchNorm statistics excluded).
+GFLOPs are XLA's cost analysis of one eval-mode forward pass of a single image at the config's
+`dataset.train_size`, counting a multiply-add as 2 FLOPs. XLA counts the body of a loop once, so
+the IFB's `fori_loop` is unrolled while the cost is measured; lowering for the analysis does not
+compile or run the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import pathlib
+import sys
+from typing import Any, Mapping, Sequence
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from iterfuse_jax import metrics
+from iterfuse_jax import tasks as task_registry
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+
+# Column titles as the paper prints them.
+TASK_TITLES = {"semseg": "SemSeg", "depth": "Depth", "human_parts": "PartSeg", "sal": "Sal"}
+MODEL_TITLES = {"stl": "STL", "mtl": "MTL", "padnet": "PAD-Net", "mtinet": "MTI-Net",
+                "densemtl": "DenseMTL"}
+# Rows appear in the paper's order (Table 2, then Table 3's IFB ablation); ties keep input order.
+ROW_ORDER = ("stl", "mtl", "padnet", "mtinet", "densemtl", "iterfuse")
+IFB_ORDER = ("none", "A", "B", "C")
+
+
+class CompareError(ValueError):
+  """A workdir or argument that cannot be compared; the message says which and why."""
+
+
+def paper_stl_references(dataset: str) -> dict[str, float]:
+  """The paper's single-task results (Table 2), the Delta_m reference when no STL run is given."""
+  from configs.default import PAPER_STL_REFERENCES  # pylint: disable=g-import-not-at-top
+  if dataset not in PAPER_STL_REFERENCES:
+    raise CompareError(f"the paper has no STL results for dataset {dataset!r}")
+  return dict(PAPER_STL_REFERENCES[dataset])
+
+
+# ----------------------------------------------------------------------------- reading runs
+
+
+class Run:
+  """One finished experiment: its workdir, config and final metrics."""
+
+  def __init__(self, workdir: pathlib.Path, config: ml_collections.ConfigDict,
+               results: Mapping[str, float]):
+    self.workdir = workdir
+    self.config = config
+    self.results = dict(results)
+
+  @property
+  def dataset(self) -> str:
+    return self.config.dataset.name
+
+  @property
+  def tasks(self) -> tuple[str, ...]:
+    return tuple(self.config.dataset.tasks)
+
+  @property
+  def model_name(self) -> str:
+    return self.config.model.name
+
+  def title(self) -> str:
+    """The paper's row name: "STL", "PAD-Net", "Ours (w/ IFB C)", ..."""
+    name = self.model_name
+    if name == "iterfuse":
+      tpim = self.config.model.tpim
+      return f"Ours (w/ IFB {tpim.variant})" if tpim.use_ifb else "Ours (w/o IFB)"
+    return MODEL_TITLES.get(name, name)
+
+  def settings(self) -> str:
+    """What distinguishes runs of one model in the ablations (IFB iterations and alpha_0)."""
+    if self.model_name != "iterfuse":
+      return ""
+    tpim = self.config.model.tpim
+    if not tpim.use_ifb:
+      return ""
+    text = f"n_iter={tpim.n_iter}"
+    if tpim.variant != "A":
+      text += f", α₀={tpim.alpha_init:g}"
+    return text
+
+  def sort_key(self) -> tuple[int, int]:
+    name = self.model_name
+    model = ROW_ORDER.index(name) if name in ROW_ORDER else len(ROW_ORDER)
+    ifb = 0
+    if name == "iterfuse":
+      tpim = self.config.model.tpim
+      variant = tpim.variant if tpim.use_ifb else "none"
+      ifb = IFB_ORDER.index(variant) if variant in IFB_ORDER else len(IFB_ORDER)
+    return model, ifb
+
+  def headline(self) -> dict[str, float]:
+    try:
+      return metrics.headline_metrics(self.results, self.tasks)
+    except ValueError as e:
+      raise CompareError(f"{self.workdir / METRICS_FILE}: {e}") from None
+
+
+def _read_json(path: pathlib.Path, what: str) -> Any:
+  if not path.is_file():
+    raise CompareError(f"{path} not found: every workdir needs the {what} that training writes "
+                       f"there (run `python launch.py --config ... --workdir {path.parent}` "
+                       "to the end first)")
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise CompareError(f"{path} is not valid JSON: {e}") from None
+
+
+def load_run(workdir: str | pathlib.Path) -> Run:
+  """Reads `config.json` and `metrics.json` of a workdir; raises CompareError naming the file."""
+  workdir = pathlib.Path(workdir)
+  if not workdir.is_dir():
+    raise CompareError(f"workdir {workdir} does not exist")
+  config_dict = _read_json(workdir / CONFIG_FILE, "config")
+  results = _read_json(workdir / METRICS_FILE, "final metrics")
+  if not isinstance(results, dict):
+    raise CompareError(f"{workdir / METRICS_FILE} must hold a JSON object of metric -> number")
+  for key in ("dataset", "model"):
+    if key not in config_dict:
+      raise CompareError(f"{workdir / CONFIG_FILE} has no {key!r} block")
+  config = ml_collections.ConfigDict(config_dict)
+  try:
+    task_registry.validate_tasks(config.dataset.tasks, config.dataset.name)
+  except ValueError as e:
+    raise CompareError(f"{workdir / CONFIG_FILE}: {e}") from None
+  bad = {k: v for k, v in results.items()
+         if not isinstance(v, (int, float)) or isinstance(v, bool)}
+  if bad:
+    raise CompareError(f"{workdir / METRICS_FILE}: non-numeric values {bad}")
+  return Run(workdir, config, results)
+
+
+# ----------------------------------------------------------------------------- size and cost
+
+
+def _unrolled_fori_loop(original):
+  """fori_loop that unrolls static trip counts in Python, so that XLA's cost counts every step."""
+
+  def fori_loop(lower, upper, body_fun, init_val, **kwargs):
+    if isinstance(lower, (int, np.integer)) and isinstance(upper, (int, np.integer)):
+      value = init_val
+      for i in range(int(lower), int(upper)):
+        value = body_fun(i, value)
+      return value
+    return original(lower, upper, body_fun, init_val, **kwargs)
+
+  return fori_loop
+
+
+@contextlib.contextmanager
+def _loops_unrolled():
+  # Only while tracing for the cost analysis; nothing is run under the patch.
+  with mock.patch.object(jax.lax, "fori_loop", _unrolled_fori_loop(jax.lax.fori_loop)):
+    yield
+
+
+def model_cost(config: ml_collections.ConfigDict, flops: bool = True) -> tuple[int, float | None]:
+  """(trainable parameter count, GFLOPs of a 1-image eval forward at dataset.train_size).
+
+  GFLOPs is None when `flops` is False or XLA reports no FLOP count.
+  """
+  from iterfuse_jax.models import build_model  # pylint: disable=g-import-not-at-top
+
+  model = build_model(config)
+  h, w = (int(s) for s in config.dataset.train_size)
+  images = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
+  params = int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(variables["params"])))
+  if not flops:
+    return params, None
+  with _loops_unrolled():
+    lowered = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, images)
+  cost = lowered.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per device
+    cost = cost[0] if cost else None
+  if not cost or "flops" not in cost:
+    return params, None
+  return params, float(cost["flops"]) / 1e9
+
+
+def _cost_key(config: ml_collections.ConfigDict) -> str:
+  # Runs that differ only in training settings (alpha_init, lr, ...) share a model cost.
+  model = config.model.to_dict()
+  model.pop("pretrained", None)
+  if "tpim" in model:
+    model["tpim"] = {k: v for k, v in model["tpim"].items() if k != "alpha_init"}
+  return json.dumps([model, config.dataset.name, list(config.dataset.tasks),
+                     list(config.dataset.train_size)], sort_keys=True, default=str)
+
+
+# ----------------------------------------------------------------------------- table
+
+
+def _format_metric(value: float | None) -> str:
+  return "—" if value is None else f"{value:.4f}"
+
+
+def _format_delta(value: float) -> str:
+  return f"{value:+.2f}"
+
+
+def _group_key(run: Run) -> tuple[str, tuple[str, ...]]:
+  return run.dataset, run.tasks
+
+
+def choose_stl(runs: Sequence[Run], dataset: str, tasks: tuple[str, ...],
+               stl_workdir: str | None) -> Run | None:
+  """The measured STL run that is the Delta_m reference of a (dataset, tasks) group, if any."""
+  candidates = [r for r in runs if r.model_name == "stl" and _group_key(r) == (dataset, tasks)]
+  if stl_workdir is not None:
+    wanted = pathlib.Path(stl_workdir).resolve()
+    chosen = [r for r in candidates if r.workdir.resolve() == wanted]
+    if chosen:
+      return chosen[0]
+  if len(candidates) > 1:
+    raise CompareError(
+        f"{len(candidates)} STL runs on {dataset} ({', '.join(tasks)}): "
+        f"{[str(r.workdir) for r in candidates]}; choose the reference with --stl WORKDIR")
+  return candidates[0] if candidates else None
+
+
+def comparison_table(runs: Sequence[Run], stl_workdir: str | None = None,
+                     costs: Mapping[str, tuple[int, float | None]] | None = None) -> str:
+  """Markdown tables (one per dataset and task set) of the runs in the paper's form.
+
+  Args:
+    runs: the finished runs; rows follow the paper's order of models, then the input order.
+    stl_workdir: which STL run is the Delta_m reference when several are given.
+    costs: cost key (`_cost_key`) -> (parameters, GFLOPs); rows without an entry print "—".
+
+  Returns:
+    The Markdown text.
+  """
+  if not runs:
+    raise CompareError("no runs to compare")
+  costs = costs or {}
+  groups: dict[tuple[str, tuple[str, ...]], list[Run]] = {}
+  for run in runs:
+    groups.setdefault(_group_key(run), []).append(run)
+
+  sections = []
+  for (dataset, tasks), group in groups.items():
+    stl = choose_stl(runs, dataset, tasks, stl_workdir)
+    if stl is not None:
+      references = stl.headline()
+      source = f"the measured STL run `{stl.workdir}`"
+    else:
+      references = paper_stl_references(dataset)
+      missing = [t for t in tasks if t not in references]
+      if missing:
+        raise CompareError(f"no STL run among the inputs and the paper has no STL result for "
+                           f"{missing} on {dataset}")
+      source = "the paper's STL results (Table 2)"
+
+    arrows = {t: "↑" if task_registry.get_task(t).higher_is_better else "↓" for t in tasks}
+    header = (["Model", "Settings"] + [f"{TASK_TITLES.get(t, t)} {arrows[t]}" for t in tasks]
+              + ["Δm (%) ↑", "Params (M)", "GFLOPs", "Run"])
+    lines = [f"### {dataset}: {', '.join(tasks)}", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    if stl is None:
+      lines.append("| " + " | ".join(
+          ["STL (paper)", ""] + [_format_metric(references[t]) for t in tasks]
+          + [_format_delta(0.0), "—", "—", "—"]) + " |")
+    for run in sorted(group, key=Run.sort_key):
+      headline = run.headline()
+      delta = metrics.delta_m(headline, references, tasks)
+      params, gflops = costs.get(_cost_key(run.config), (None, None))
+      lines.append("| " + " | ".join(
+          [run.title(), run.settings()] + [_format_metric(headline[t]) for t in tasks]
+          + [_format_delta(delta),
+             "—" if params is None else f"{params / 1e6:.2f}",
+             "—" if gflops is None else f"{gflops:.1f}",
+             f"`{run.workdir.name}`"]) + " |")
+    lines += ["", f"Δm against {source}. Metrics: mIoU (%) for SemSeg/PartSeg, RMSE (m) for "
+              "Depth, maxIoU (%) for Sal. GFLOPs: one image at the training size, "
+              "multiply-add = 2 FLOPs."]
+    sections.append("\n".join(lines))
+  return "\n\n".join(sections) + "\n"
+
+
+def compute_costs(runs: Sequence[Run], flops: bool = True
+                  ) -> dict[str, tuple[int, float | None]]:
+  """Parameters and GFLOPs per distinct model among `runs` (each model is built once)."""
+  costs = {}
+  for run in runs:
+    key = _cost_key(run.config)
+    if key not in costs:
+      try:
+        costs[key] = model_cost(run.config, flops=flops)
+      except ValueError as e:
+        raise CompareError(f"cannot build the model of {run.workdir / CONFIG_FILE}: {e}") from None
+  return costs
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m iterfuse_jax.compare",
+      description="Markdown comparison table (metrics, Delta_m, params, GFLOPs) of finished "
+                  "runs; each WORKDIR holds the config.json and metrics.json training wrote.")
+  parser.add_argument("workdirs", nargs="+", metavar="WORKDIR")
+  parser.add_argument("--out", default="comparison.md",
+                      help="file the table is written to (default: %(default)s)")
+  parser.add_argument("--stl", default=None, metavar="WORKDIR",
+                      help="the STL run to measure Delta_m against, when several are given")
+  parser.add_argument("--no-flops", action="store_true",
+                      help="skip the GFLOPs (parameters are still counted)")
+  parser.add_argument("--no-cost", action="store_true",
+                      help="skip parameters and GFLOPs (no model is built)")
+  args = parser.parse_args(argv)
+  try:
+    runs = [load_run(w) for w in args.workdirs]
+    costs = {} if args.no_cost else compute_costs(runs, flops=not args.no_flops)
+    table = comparison_table(runs, args.stl, costs)
+  except CompareError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(table, end="")
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(table)
+  print(f"(written to {out})", file=sys.stderr)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,165 @@
+"""The comparison table: Delta_m against paper or measured STL, grouping, errors, model cost."""
+
+import importlib
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from iterfuse_jax import compare
+
+# Paper, Tables 2 and 3.
+PAPER_PASCAL_IFBC = {"semseg/miou": 65.5761, "human_parts/miou": 63.1563, "sal/max_iou": 66.944}
+PAPER_NYUD = {
+    "ifbC": {"semseg/miou": 39.1596, "depth/rmse": 0.6011},
+    "mtl": {"semseg/miou": 35.0475, "depth/rmse": 0.6679},
+    "mtinet": {"semseg/miou": 37.6181, "depth/rmse": 0.6066},
+}
+
+
+def write_run(root, name, config_name, results, **overrides):
+  config = importlib.import_module(f"configs.{config_name}").get_config()
+  config.unlock()
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  workdir = root / name
+  workdir.mkdir()
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  (workdir / "metrics.json").write_text(json.dumps({**results, "delta_m": -99.0}))
+  return workdir
+
+
+def _row(table, title):
+  rows = [line for line in table.splitlines() if line.startswith(f"| {title} |")]
+  assert len(rows) == 1, (title, table)
+  return [cell.strip() for cell in rows[0].strip("|").split("|")]
+
+
+def test_delta_m_against_the_paper_stl(tmp_path):
+  runs = [compare.load_run(write_run(tmp_path, n, f"nyud_{n}", r)) for n, r in PAPER_NYUD.items()]
+  table = compare.comparison_table(runs)
+  # REFERENCE.md: the formula on the paper's printed metrics gives +10.46, -0.47, +7.84.
+  assert _row(table, "Ours (w/ IFB C)")[4] == "+10.46"
+  assert _row(table, "MTL")[4] == "-0.47"
+  assert _row(table, "MTI-Net")[4] == "+7.84"
+  assert _row(table, "STL (paper)")[2:5] == ["35.0091", "0.6610", "+0.00"]
+  assert "the paper's STL results" in table
+  assert "| Model | Settings | SemSeg ↑ | Depth ↓ | Δm (%) ↑ |" in table
+
+
+def test_delta_m_against_a_measured_stl_run(tmp_path):
+  stl = {"semseg/miou": 60.0, "human_parts/miou": 50.0, "sal/max_iou": 70.0}
+  runs = [compare.load_run(write_run(tmp_path, "pascal_stl", "pascal_stl", stl)),
+          compare.load_run(write_run(tmp_path, "pascal_ifbC", "pascal_ifbC", PAPER_PASCAL_IFBC))]
+  table = compare.comparison_table(runs)
+  expected = 100 / 3 * ((65.5761 - 60) / 60 + (63.1563 - 50) / 50 + (66.944 - 70) / 70)
+  row = _row(table, "Ours (w/ IFB C)")
+  assert row[1] == "n_iter=4, α₀=0.3"
+  assert row[5] == f"{expected:+.2f}"
+  assert _row(table, "STL")[5] == "+0.00"
+  assert "STL (paper)" not in table and "the measured STL run" in table
+
+
+def test_paper_pascal_delta_m(tmp_path):
+  run = compare.load_run(write_run(tmp_path, "ifbC", "pascal_ifbC", PAPER_PASCAL_IFBC))
+  # REFERENCE.md: the formula reproduces the paper's PASCAL Delta_m, +5.085 (printed 5.08).
+  assert _row(compare.comparison_table([run]), "Ours (w/ IFB C)")[5] == "+5.09"
+
+
+def test_groups_sweeps_and_several_stl_runs(tmp_path):
+  nyud_stl = {"semseg/miou": 35.0, "depth/rmse": 0.66}
+  runs = [
+      compare.load_run(write_run(tmp_path, "stl_a", "nyud_stl", nyud_stl)),
+      compare.load_run(write_run(tmp_path, "stl_b", "nyud_stl",
+                                 {"semseg/miou": 70.0, "depth/rmse": 0.33})),
+      compare.load_run(write_run(tmp_path, "alpha05", "nyud_ifbC", PAPER_NYUD["ifbC"],
+                                 **{"model.tpim.alpha_init": 0.5})),
+      compare.load_run(write_run(tmp_path, "noifb", "nyud_noifb", PAPER_NYUD["ifbC"])),
+      compare.load_run(write_run(tmp_path, "pascal", "pascal_padnet", PAPER_PASCAL_IFBC)),
+  ]
+  with pytest.raises(compare.CompareError, match="--stl"):
+    compare.comparison_table(runs)
+  table = compare.comparison_table(runs, stl_workdir=str(tmp_path / "stl_a"))
+  assert "### nyud: semseg, depth" in table and "### pascal: semseg, human_parts, sal" in table
+  expected = 50 * ((39.1596 - 35.0) / 35.0 - (0.6011 - 0.66) / 0.66)
+  assert _row(table, "Ours (w/ IFB C)")[1] == "n_iter=18, α₀=0.5"
+  assert _row(table, "Ours (w/ IFB C)")[4] == f"{expected:+.2f}"
+  assert _row(table, "Ours (w/o IFB)")[1] == ""
+  assert _row(table, "PAD-Net")[5] == "+5.09"  # PASCAL has no STL run: paper references
+
+
+def test_cli_writes_the_table_and_reports_bad_workdirs(tmp_path, capsys):
+  good = write_run(tmp_path, "mtl", "nyud_mtl", PAPER_NYUD["mtl"])
+  out = tmp_path / "tables" / "table.md"
+  assert compare.main([str(good), "--out", str(out), "--no-cost"]) == 0
+  printed = capsys.readouterr().out
+  assert out.read_text() == printed
+  assert _row(printed, "MTL")[4] == "-0.47"
+
+  (tmp_path / "empty").mkdir()
+  assert compare.main([str(good), str(tmp_path / "empty"), "--no-cost"]) == 1
+  assert "empty/config.json not found" in capsys.readouterr().err
+
+  partial = write_run(tmp_path, "partial", "nyud_mtl", {"semseg/miou": 30.0})
+  assert compare.main([str(partial), "--no-cost", "--out", str(out)]) == 1
+  assert "depth/rmse" in capsys.readouterr().err
+
+
+def _tiny_iterfuse(n_iter):
+  config = importlib.import_module("configs.nyud_ifbC").get_config()
+  config.unlock()
+  config.model.task_channels = 8
+  config.model.initial_blocks = 1
+  config.model.tpim.n_iter = n_iter
+  config.dataset.train_size = (64, 64)
+  return config
+
+
+def test_model_cost_counts_parameters_and_every_ifb_iteration():
+  costs = {n: compare.model_cost(_tiny_iterfuse(n)) for n in (1, 2, 4)}
+  params = {p for p, _ in costs.values()}
+  assert len(params) == 1  # alpha is one scalar whatever n_iter
+  model_config = _tiny_iterfuse(1)
+  from iterfuse_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  variables = jax.eval_shape(
+      lambda x: build_model(model_config).init(jax.random.key(0), x),
+      jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+  assert params == {sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables["params"]))}
+  flops = {n: g for n, (_, g) in costs.items()}
+  # Each extra IFB iteration adds the same cost (2 CIBs x (Co V on 8x8 positions x 8 channels
+  # + the update)), so the loop is counted per iteration, not once.
+  step = flops[2] - flops[1]
+  assert step * 1e9 >= 2 * 2 * 64 * 64 * 8
+  np.testing.assert_allclose(flops[4] - flops[2], 2 * step, rtol=1e-6)
+
+
+@pytest.mark.parametrize("arg, dataset, model", [
+    ("stl", "nyud", "stl"), ("padnet", "nyud", "padnet"), ("pascal_mtinet", "pascal", "mtinet"),
+    ("pascal_ifbA", "pascal", "iterfuse"),
+])
+def test_demo_rows_config(arg, dataset, model):
+  demo_rows = importlib.import_module("configs.demo_rows")
+  demo = importlib.import_module("configs.demo").get_config()
+  config = demo_rows.get_config(arg)
+  assert (config.dataset.name, config.model.name) == (dataset, model)
+  assert tuple(config.dataset.train_size) == tuple(demo.dataset.train_size)
+  assert config.synthetic_data.enabled and config.model.task_channels == demo.model.task_channels
+  assert config.num_epochs == demo.num_epochs
+  assert config.optimizer.name == "adam"
+  if arg == "pascal_ifbA":
+    assert (config.model.tpim.variant, config.model.tpim.n_iter) == ("A", 4)
+  if model == "stl":
+    assert set(config.loss_weights.values()) == {1.0}
+  with pytest.raises(AttributeError):
+    config.not_a_field = 1  # locked
+
+
+def test_demo_rows_rejects_unknown_rows():
+  with pytest.raises(ValueError, match="unknown row 'atrc'"):
+    importlib.import_module("configs.demo_rows").get_config("atrc")
