@@ -15,8 +15,9 @@ is among the inputs (or the one given with --stl), else against the paper's STL 
 Parameters are those of `build_model(config)` (trainable ones, BatchNorm statistics excluded).
 GFLOPs are XLA's cost analysis of one eval-mode forward pass of a single image at the config's
 `dataset.train_size`, counting a multiply-add as 2 FLOPs. XLA counts the body of a loop once, so
-the IFB's `fori_loop` is unrolled while the cost is measured; lowering for the analysis does not
-compile or run the model.
+the IFB's `fori_loop` is unrolled while the cost is measured, and the cost is that of the
+materialized IFB (`ifb_impl="streamed"` computes the same function, recomputing the affinities
+block by block to save memory). Lowering for the analysis does not compile or run the model.
 """
 
 from __future__ import annotations
@@ -188,6 +189,9 @@ def model_cost(config: ml_collections.ConfigDict, flops: bool = True) -> tuple[i
   """
   from iterfuse_jax.models import build_model  # pylint: disable=g-import-not-at-top
 
+  if "tpim" in config.model and config.model.tpim.get("ifb_impl") == "streamed":
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.tpim.ifb_impl = "materialized"  # same function; its loops are all unrollable
   model = build_model(config)
   h, w = (int(s) for s in config.dataset.train_size)
   images = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
@@ -210,7 +214,8 @@ def _cost_key(config: ml_collections.ConfigDict) -> str:
   model = config.model.to_dict()
   model.pop("pretrained", None)
   if "tpim" in model:
-    model["tpim"] = {k: v for k, v in model["tpim"].items() if k != "alpha_init"}
+    model["tpim"] = {k: v for k, v in model["tpim"].items()
+                     if k not in ("alpha_init", "ifb_impl")}
   return json.dumps([model, config.dataset.name, list(config.dataset.tasks),
                      list(config.dataset.train_size)], sort_keys=True, default=str)
 

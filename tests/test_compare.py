@@ -137,6 +137,9 @@ def test_model_cost_counts_parameters_and_every_ifb_iteration():
   step = flops[2] - flops[1]
   assert step * 1e9 >= 2 * 2 * 64 * 64 * 8
   np.testing.assert_allclose(flops[4] - flops[2], 2 * step, rtol=1e-6)
+  streamed = _tiny_iterfuse(2)
+  streamed.model.tpim.ifb_impl = "streamed"
+  assert compare.model_cost(streamed) == costs[2]
 
 
 @pytest.mark.parametrize("arg, dataset, model", [
