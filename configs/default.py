@@ -1,0 +1,72 @@
+"""Defaults shared by every experiment: IterFuse (IFB C) on NYUD-v2 with the paper's training.
+
+Experiment files start from `get_config()` and change fields; the returned config is locked, so a
+misspelt key in an experiment file or on the command line (`--config.model.n_iters=4`) is an error.
+"""
+
+import ml_collections
+
+from data_pipelines.config import get_dataset_config
+
+# Paper, Table 2: the single-task (STL) references that Delta_m is measured against.
+PAPER_STL_REFERENCES = {
+    "nyud": {"semseg": 35.0091, "depth": 0.6610},
+    "pascal": {"semseg": 59.3427, "human_parts": 60.3365, "sal": 66.892},
+}
+TASK_LOSS_WEIGHTS = {"semseg": 1.0, "depth": 1.0, "human_parts": 2.0, "sal": 5.0}
+
+
+def get_model_config() -> ml_collections.ConfigDict:
+  """The IterFuse network: HRNet18 (W18-Small-v2), TPIM with IFB C, n_iter 18, alpha 0.3."""
+  return ml_collections.ConfigDict({
+      "name": "iterfuse",
+      "backbone": "w18_small_v2",
+      "fuse_upsample": "bilinear",
+      "task_channels": 270,
+      "initial_blocks": 2,
+      "dtype": "float32",
+      # A folder written by `python -m iterfuse_jax.convert_imagenet` ("" = random init).
+      "pretrained": "",
+      "tpim": {
+          "use_ifb": True,
+          "variant": "C",
+          "n_iter": 18,
+          "alpha_init": 0.3,
+          "scale": 2,
+          "qk_channels": 0,  # 0: d = task_channels (no reduction)
+          "ifb_impl": "materialized",
+      },
+  })
+
+
+def get_config(dataset: str = "nyud") -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.dataset = get_dataset_config(dataset)
+  config.model = get_model_config()
+
+  config.batch_size = 8  # global, over all devices and hosts
+  config.num_epochs = 100
+  config.num_train_steps = -1  # > 0 overrides num_epochs (quick runs)
+
+  config.optimizer = ml_collections.ConfigDict({
+      "name": "adam",  # "adam" or "sgd"
+      "learning_rate": 1e-4,
+      "weight_decay": 1e-4,  # L2 added to the gradient, as PyTorch's optimisers do
+      "momentum": 0.9,  # sgd only
+      "poly_power": 0.9,  # lr * (1 - epoch / num_epochs) ** poly_power, stepped per epoch
+  })
+  config.loss_weights = dict(TASK_LOSS_WEIGHTS)
+  config.stl_references = PAPER_STL_REFERENCES[dataset]
+
+  config.log_every_steps = 20
+  config.eval_every_steps = -1  # -1: once per epoch
+  config.checkpoint_every_steps = -1  # -1: once per epoch
+  config.keep_checkpoints = 3
+  config.num_eval_images = 4  # prediction images written to TensorBoard at each eval
+  config.num_devices = -1  # -1: all local devices
+  config.profile_steps = 0  # > 0: trace that many steps with the JAX profiler after the first
+  # If set, training writes a synthetic dataset of this size to dataset.data_dir when it is absent.
+  config.synthetic_data = ml_collections.ConfigDict({
+      "enabled": False, "num_train": 64, "num_val": 16, "height": 96, "width": 128, "seed": 0})
+  return config
