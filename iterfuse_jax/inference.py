@@ -12,9 +12,11 @@ The same functions are reachable as `iterfuse_jax.models.load_predictor` etc. fo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
+import logging
 from typing import Any, Mapping
 
 import flax
@@ -112,7 +114,8 @@ def restore_variables(workdir: str | epath.Path, config: ml_collections.ConfigDi
       step = manager.best_step() or step
   # Restore the parameters only: the optimiser state is of no use for inference.
   state_dir = directory / str(step) / "state"
-  with ocp.PyTreeCheckpointer() as checkpointer:
+  # Item-level reads make orbax warn that the step-level metadata file is not in the item folder.
+  with _quiet_absl_warnings(), ocp.PyTreeCheckpointer() as checkpointer:
     metadata = checkpointer.metadata(state_dir)
     tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata.tree
     stored = {k: tree[k] for k in ("params", "batch_stats")}
@@ -125,6 +128,17 @@ def restore_variables(workdir: str | epath.Path, config: ml_collections.ConfigDi
             item=target, restore_args=restore_args,
             partial_restore=True))
   return {"params": restored["params"], "batch_stats": restored["batch_stats"]}, step
+
+
+@contextlib.contextmanager
+def _quiet_absl_warnings():
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_logger.setLevel(level)
 
 
 def _check_same_structure(abstract: Mapping[str, Any], stored: Mapping[str, Any],
