@@ -229,3 +229,35 @@ def test_missing_torch_gives_clear_error(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
   with pytest.raises(ImportError, match=r"needs torch"):
     convert_imagenet.read_state_dict(path)
+
+
+def test_training_starts_from_the_converted_backbone(tmp_path, reference):
+  """config.model.pretrained = a converted folder: the train state's backbone is exactly it."""
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  from iterfuse_jax import train  # pylint: disable=g-import-not-at-top
+
+  src = _write(tmp_path, "plain.pth", reference["state"])
+  convert_imagenet.convert_file(str(src), str(tmp_path / "hrnet18"), VARIANT)
+  config = ml_collections.ConfigDict(demo.get_config().to_dict())
+  config.model.task_channels, config.model.tpim.n_iter = 8, 1
+  config.model.pretrained = str(tmp_path / "hrnet18")
+  model = build_model(config)
+  tx = train.create_optimizer(config, lambda step: 1e-3)
+  state = train.create_train_state(config, model, tx, jax.random.key(0), (1, 64, 64, 3),
+                                   train.create_mesh(1))
+  want = hrnet_weights.torch_state_dict_to_flax(reference["state"], VARIANT)
+  for collection, tree in (("params", state.params), ("batch_stats", state.batch_stats)):
+    got = traverse_util.flatten_dict(jax.device_get(tree["backbone"]))
+    expected = traverse_util.flatten_dict(want[collection])
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+      np.testing.assert_array_equal(got[key], value, err_msg=f"{collection}/{key}")
+  # Adam's moments start at zero for the loaded weights.
+  mu = [s.mu for s in jax.tree.leaves(state.opt_state, is_leaf=lambda s: hasattr(s, "mu"))
+        if hasattr(s, "mu")]
+  assert mu and all(not np.any(np.asarray(x)) for x in jax.tree.leaves(mu))
+
+  config.model.backbone = "w18"
+  with pytest.raises(ValueError, match=r"'w18_small_v2'.*'w18'"):
+    train.create_train_state(config, build_model(config), tx, jax.random.key(0),
+                             (1, 64, 64, 3), train.create_mesh(1))
