@@ -10,6 +10,7 @@ A killed run started again with the same workdir resumes from its last checkpoin
 """
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -41,10 +42,15 @@ def main(argv):
 
   logging.info("JAX process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
-  if _MODE.value == "train":
-    train.train_and_evaluate(FLAGS.config, _WORKDIR.value)
-  else:
-    train.evaluate_checkpoint(FLAGS.config, _WORKDIR.value, which=_CHECKPOINT.value)
+  try:
+    if _MODE.value == "train":
+      train.train_and_evaluate(FLAGS.config, _WORKDIR.value)
+    else:
+      train.evaluate_checkpoint(FLAGS.config, _WORKDIR.value, which=_CHECKPOINT.value)
+  except (FileNotFoundError, train.NonFiniteLossError) as e:
+    # What the user must act on (missing data or checkpoint, a diverged run): the message, not a
+    # traceback through the library.
+    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

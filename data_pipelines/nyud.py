@@ -28,7 +28,7 @@ NYU_CLASS_IDS = {
 }
 HOW_TO_GET = (
     "Download and extract the published NYUD_MT archive of the multi-task survey code (Google Drive "
-    "id 14EAEMXmd3zs2hIMY63UhHPSFPDAkiTzw; see REFERENCE.md) and point config.dataset.data_dir at "
+    "id 14EAEMXmd3zs2hIMY63UhHPSFPDAkiTzw) and point config.dataset.data_dir at "
     "the extracted NYUD_MT folder, or write synthetic data in the same layout with "
     "`python -m data_pipelines.synthetic --dataset nyud --out DIR`.")
 

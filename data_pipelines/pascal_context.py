@@ -28,7 +28,7 @@ SPLIT_FILE = "ImageSets/Context/{split}.txt"
 PUBLISHED_SPLIT_SIZES = {"train": 4998, "val": 5105}
 HOW_TO_GET = (
     "Download and extract the published PASCAL_MT.tgz of the multi-task survey code (ETH vision "
-    "data share, kmaninis/share/MTL/; see REFERENCE.md) and point config.dataset.data_dir at the "
+    "data share, kmaninis/share/MTL/) and point config.dataset.data_dir at the "
     "extracted PASCAL_MT folder, or write synthetic data in the same layout with "
     "`python -m data_pipelines.synthetic --dataset pascal --out DIR`.")
 

@@ -293,3 +293,16 @@ def test_bfloat16_trains_like_float32(data_dir):
   drop16 = bf16[:2].mean() - bf16[-2:].mean()
   assert drop32 > 0.1 * f32[:2].mean(), curves  # float32 does learn these two batches
   assert drop16 >= 0.8 * drop32, curves
+
+
+def test_launch_without_dataset_exits_with_the_message(tmp_path):
+  import subprocess
+  import sys
+  result = subprocess.run(
+      [sys.executable, str(REPO_ROOT / "launch.py"), f"--config={REPO_ROOT}/configs/nyud_ifbC.py",
+       f"--workdir={tmp_path}", f"--config.dataset.data_dir={tmp_path}/NYUD_MT"],
+      capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+  assert result.returncode == 1
+  last_line = result.stderr.strip().splitlines()[-1]
+  assert last_line.startswith("error: ") and f"{tmp_path}/NYUD_MT" in last_line, result.stderr
+  assert "Traceback" not in result.stderr
