@@ -1,0 +1,714 @@
+"""Train-step throughput, compile time and peak memory: iterfuse_jax vs a PyTorch eager port.
+
+JAX side: the IterFuse network built by `build_model` from `configs/default.py` (with this
+script's overrides), trained by the real `iterfuse_jax.train.train_step`, jitted on a 1-device
+mesh with the train state donated, exactly as `train_and_evaluate` jits it. PyTorch side: the same
+network written below in eager PyTorch on timm's `hrnet_w18_small_v2` backbone (features_only, the
+four raw branches; its fuse layers resize bilinearly to the exact branch size like our default
+`fuse_upsample="bilinear"` instead of timm's nearest x2^k), per-task initial modules and heads,
+the TPIM of CIBs (spatial self-attention + pixel-wise global attention + the IFB loop of the same
+variant and n_iter), the same losses and weights on intermediate and final predictions, and Adam
+with L2 weight decay added to the gradient (`torch.optim.Adam(weight_decay=...)`, as our
+optimiser does). Both build their network, loss weights and optimiser settings from the same
+`configs/default.py` config (`benchmark_config`); the PyTorch side refuses settings its port does
+not implement. Both run on the same random images and labels of the dataset's format.
+
+IFB implementations: JAX "materialized" (Co built once per forward, [B, M, M]) and "streamed"
+(blockwise online softmax, Co never built). Their PyTorch counterparts are "materialized" (the
+same bmm loop) and "sdpa" (`F.scaled_dot_product_attention` in every iteration, which never builds
+Co either: flash / memory-efficient kernels; channels zero-padded to a multiple of 8 so that the
+GPU kernels accept C = 270). The JAX/PyTorch ratio of a JAX row is its images/s over the images/s
+of the PyTorch row of the matching kind.
+
+Figures per row: compile time (JAX: lower + compile; PyTorch eager: 0), first step, images/s
+(batch / median step time over --steps timed steps after --warmup untimed ones, each step waited
+for with block_until_ready / cuda.synchronize), and peak memory:
+  * GPU: JAX `device.memory_stats()["peak_bytes_in_use"]`, PyTorch
+    `torch.cuda.max_memory_allocated()` (both: parameters, optimiser state, batch, activations).
+  * CPU: JAX's compile-time plan `memory_analysis()` temp + argument + output - aliased (donated)
+    bytes; PyTorch has no such figure, so its "peak" is the process's max RSS.
+  * every row also gives the process's max RSS (`resource.getrusage`), a rough figure that
+    includes the framework's own libraries; it is per row only when rows run isolated (default:
+    one fresh subprocess per row, importing only its framework).
+
+--no-isolate runs every row in this process: the max RSS and the JAX GPU peak are then cumulative
+over the rows so far, JAX does not preallocate GPU memory, and torch is imported before JAX
+compiles anything (importing triton, which timm pulls in through torchvision, after an XLA
+compilation crashes the process). --json FILE writes the rows (all figures in bytes and seconds,
+"jax_over_torch" on JAX rows, "error" on failed rows); the exit status is 1 if a row failed.
+
+  python -m benchmarks.train_step                                   # paper's NYUD shape
+  python -m benchmarks.train_step --height 240 --width 320 --batch 2
+  python -m benchmarks.train_step --dataset pascal --n-iter 4 --no-torch
+  python -m benchmarks.train_step --height 64 --width 64 --batch 2 --task-channels 8 --n-iter 2
+      --steps 1 --warmup 0 --no-isolate                             # smoke run (one line)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import pathlib
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from configs import default as default_config
+from iterfuse_jax import tasks as task_registry
+from iterfuse_jax.tasks import IGNORE_LABEL
+
+MiB = 2 ** 20
+# Paper, Table 1: the network input of each dataset (height, width).
+DEFAULT_SIZES = {"nyud": (480, 640), "pascal": (512, 512)}
+# Training split sizes (REFERENCE.md); only used for the per-epoch learning-rate schedule.
+TRAIN_EXAMPLES = {"nyud": 795, "pascal": 4998}
+JAX_IMPLS = ("materialized", "streamed")
+# PyTorch counterpart of each JAX IFB implementation.
+TORCH_IMPL_FOR = {"materialized": "materialized", "streamed": "sdpa"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """One benchmark row: which framework runs which network at which shape."""
+
+  framework: str  # "jax" or "torch"
+  impl: str  # JAX: materialized | streamed; PyTorch: materialized | sdpa
+  dataset: str
+  height: int
+  width: int
+  batch: int
+  n_iter: int
+  variant: str
+  task_channels: int
+  dtype: str
+  steps: int
+  warmup: int
+  seed: int = 0
+
+
+def benchmark_config(setting: Setting):
+  """`configs/default.py` for the setting's dataset with this script's overrides.
+
+  Both frameworks build their network, losses and optimiser from it (importing it loads
+  ml_collections only, neither JAX nor PyTorch).
+  """
+  config = default_config.get_config(setting.dataset)
+  config.batch_size = setting.batch
+  config.num_devices = 1
+  config.dataset.train_size = (setting.height, setting.width)
+  config.model.task_channels = setting.task_channels
+  config.model.dtype = setting.dtype
+  config.model.tpim.n_iter = setting.n_iter
+  config.model.tpim.variant = setting.variant
+  if setting.framework == "jax":
+    config.model.tpim.ifb_impl = setting.impl
+  return config
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def random_batch(dataset: str, tasks: Sequence[str], batch: int, height: int, width: int,
+                 seed: int) -> dict[str, np.ndarray]:
+  """Random images and labels in the training pipeline's format (NHWC, [B, H, W] labels).
+
+  image float32 [B, H, W, 3] (normalised-like); semseg / human_parts int32 class ids with ~10 %
+  ignored (255); depth float32 metres with ~10 % invalid (0); sal int32 {0, 1} with ~5 % ignored.
+  """
+  rng = np.random.default_rng(seed)
+  shape = (batch, height, width)
+  out = {"image": rng.standard_normal((*shape, 3), dtype=np.float32)}
+  for task in tasks:
+    if task in ("semseg", "human_parts"):
+      labels = rng.integers(0, task_registry.num_outputs(task, dataset), shape, dtype=np.int32)
+      out[task] = np.where(rng.random(shape) < 0.1, IGNORE_LABEL, labels).astype(np.int32)
+    elif task == "depth":
+      depth = rng.uniform(0.5, 10.0, shape).astype(np.float32)
+      out[task] = np.where(rng.random(shape) < 0.1, 0.0, depth).astype(np.float32)
+    else:  # sal
+      labels = (rng.random(shape) < 0.3).astype(np.int32)
+      out[task] = np.where(rng.random(shape) < 0.05, IGNORE_LABEL, labels).astype(np.int32)
+  return out
+
+
+def _max_rss_bytes() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _summary(setting: Setting, step_times: list[float], **figures: Any) -> dict:
+  step_s = statistics.median(step_times)
+  return {**dataclasses.asdict(setting), "step_s": step_s,
+          "images_per_s": setting.batch / step_s, "max_rss_bytes": _max_rss_bytes(), **figures}
+
+
+# ----------------------------------------------------------------------------- JAX
+
+
+def measure_jax(setting: Setting) -> dict:
+  """Builds the model from the default config, jits train.train_step and times it."""
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  from iterfuse_jax import train
+  from iterfuse_jax.models import build_model
+  # pylint: enable=g-import-not-at-top
+
+  config = benchmark_config(setting)
+  tasks = tuple(config.dataset.tasks)
+
+  mesh = train.create_mesh(1)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  data_sharding = NamedSharding(mesh, PartitionSpec("data"))
+  model = build_model(config)
+  schedule = train.create_learning_rate_schedule(
+      config, train.steps_per_epoch(TRAIN_EXAMPLES[setting.dataset], setting.batch))
+  tx = train.create_optimizer(config, schedule)
+  state = train.create_train_state(config, model, tx, jax.random.key(setting.seed),
+                                   (1, setting.height, setting.width, 3), mesh)
+  num_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
+  host_batch = random_batch(setting.dataset, tasks, setting.batch, setting.height,
+                            setting.width, setting.seed)
+  batch = {k: jax.device_put(v, data_sharding) for k, v in host_batch.items()}
+
+  # The same jit as train.train_and_evaluate: shardings, and the state donated.
+  state_sharding = jax.tree.map(lambda _: replicated, state)
+  jitted = jax.jit(
+      functools.partial(train.train_step, tasks=tasks, loss_weights=dict(config.loss_weights),
+                        schedule=schedule),
+      in_shardings=(state_sharding, data_sharding), out_shardings=(state_sharding, replicated),
+      donate_argnums=(0,))
+  start = time.perf_counter()
+  compiled = jitted.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  analysis = compiled.memory_analysis()
+  xla_bytes = (analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
+               + analysis.output_size_in_bytes - analysis.alias_size_in_bytes)
+
+  def step(state):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    return state, metrics, time.perf_counter() - start
+
+  state, metrics, first_s = step(state)
+  for _ in range(setting.warmup):
+    state, metrics, _ = step(state)
+  times = []
+  for _ in range(setting.steps):
+    state, metrics, seconds = step(state)
+    times.append(seconds)
+  loss = float(metrics["loss/total"])
+
+  device = jax.devices()[0]
+  stats = device.memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    peak, peak_kind = stats["peak_bytes_in_use"], f"{device.platform} peak_bytes_in_use"
+  else:
+    peak, peak_kind = xla_bytes, "XLA plan temp+arg+out-alias"
+  return _summary(setting, times or [first_s], compile_s=compile_s, first_step_s=first_s,
+                  peak_bytes=peak, peak_kind=peak_kind, xla_plan_bytes=xla_bytes, loss=loss,
+                  num_params=num_params, device=f"{device.platform}: {device.device_kind}")
+
+
+# ----------------------------------------------------------------------------- PyTorch port
+
+
+@functools.lru_cache(maxsize=None)
+def torch_port():
+  """The PyTorch eager port of the IterFuse network (imported lazily: JAX rows never load torch).
+
+  Returns a namespace with `IterFuseNet`, `multitask_loss` and the building blocks. Layout NCHW;
+  BatchNorm momentum 0.01 / eps 1e-5 like the reference code (flax momentum 0.99).
+  """
+  # pylint: disable=g-import-not-at-top
+  import types
+
+  import timm
+  import torch
+  import torch.nn.functional as F
+  from timm.models import hrnet as timm_hrnet
+  from torch import nn
+  # pylint: enable=g-import-not-at-top
+
+  def bn(channels):
+    return nn.BatchNorm2d(channels, momentum=0.01, eps=1e-5)
+
+  def resize(x, size):
+    if tuple(x.shape[-2:]) == tuple(size):
+      return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+  class ConvBNReLU(nn.Module):
+    """layers.ConvBNReLU: conv (no bias) + BN + ReLU."""
+
+    def __init__(self, cin, cout, k=1):
+      super().__init__()
+      self.conv = nn.Conv2d(cin, cout, k, padding=k // 2, bias=False)
+      self.bn = bn(cout)
+
+    def forward(self, x):
+      return F.relu(self.bn(self.conv(x)))
+
+  class BasicBlock(nn.Module):
+    """layers.BasicBlock: two 3x3 conv + BN, 1x1 projection when the channels change."""
+
+    def __init__(self, cin, cout):
+      super().__init__()
+      self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False), bn(cout)
+      self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False), bn(cout)
+      self.proj = (nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), bn(cout))
+                   if cin != cout else None)
+
+    def forward(self, x):
+      y = F.relu(self.bn1(self.conv1(x)))
+      y = self.bn2(self.conv2(y))
+      return F.relu(y + (self.proj(x) if self.proj is not None else x))
+
+  class InitialTaskModule(nn.Module):
+    """heads.InitialTaskModule: residual blocks -> task features, 1x1 conv -> prediction."""
+
+    def __init__(self, cin, channels, num_outputs, num_blocks):
+      super().__init__()
+      self.blocks = nn.Sequential(*[BasicBlock(cin if i == 0 else channels, channels)
+                                    for i in range(num_blocks)])
+      self.predict = nn.Conv2d(channels, num_outputs, 1)
+
+    def forward(self, x):
+      x = self.blocks(x)
+      return x, self.predict(x)
+
+  class TaskHead(nn.Module):
+    """heads.TaskHead: 1x1 conv (bias) + BN + ReLU + 1x1 conv."""
+
+    def __init__(self, channels, num_outputs):
+      super().__init__()
+      self.conv, self.bn = nn.Conv2d(channels, channels, 1), bn(channels)
+      self.predict = nn.Conv2d(channels, num_outputs, 1)
+
+    def forward(self, x):
+      return self.predict(F.relu(self.bn(self.conv(x))))
+
+  class SpatialSelfAttention(nn.Module):
+    """self = F_s(f) * sigmoid(F_m(f)), 3x3 convs without bias (paper eq. 1)."""
+
+    def __init__(self, channels):
+      super().__init__()
+      self.features = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+      self.mask = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+
+    def forward(self, x):
+      return self.features(x) * torch.sigmoid(self.mask(x))
+
+  def ifb_update(attended, v, alpha, variant):
+    if variant == "A":
+      return attended
+    if variant == "B":
+      return alpha * attended + v
+    return alpha * attended + (1.0 - alpha) * v
+
+  class CrossTaskInteractionBlock(nn.Module):
+    """cross_task.CrossTaskInteractionBlock: self(f_s) + up(IFB(V, softmax(Q K^T / sqrt(d))))."""
+
+    def __init__(self, channels, scale, variant, n_iter, alpha_init, impl):
+      super().__init__()
+      if impl not in ("materialized", "sdpa"):
+        raise ValueError(f"unknown PyTorch IFB implementation {impl!r}")
+      self.scale, self.variant, self.n_iter, self.impl = scale, variant, n_iter, impl
+      self.self_attention = SpatialSelfAttention(channels)
+      self.query = ConvBNReLU(channels, channels)
+      self.key = ConvBNReLU(channels, channels)
+      self.value = ConvBNReLU(channels, channels)
+      self.alpha = (nn.Parameter(torch.tensor(float(alpha_init))) if variant != "A" else None)
+
+    def _down(self, x):
+      if self.scale == 1:
+        return x
+      # ceil_mode + count_include_pad=False = flax avg_pool(padding="SAME", count_include_pad=False)
+      return F.avg_pool2d(x, self.scale, self.scale, ceil_mode=True, count_include_pad=False)
+
+    def forward(self, f_s, f_t):
+      self_features = self.self_attention(f_s)
+      target, source = self._down(f_t), self._down(f_s)
+      b, c, h, w = source.shape
+      v = self.value(source).flatten(2).transpose(1, 2)  # [B, M, C]
+      if self.n_iter > 0:  # n_iter 0 leaves V as it is; Q and K are then dead code (as in XLA)
+        q = self.query(target).flatten(2).transpose(1, 2)
+        k = self.key(source).flatten(2).transpose(1, 2)
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        alpha = self.alpha
+        if self.impl == "materialized":
+          co = torch.softmax(torch.bmm(q, k.transpose(1, 2)).float() * scale, dim=-1)
+          for _ in range(self.n_iter):
+            v = ifb_update(torch.bmm(co.to(v.dtype), v), v, alpha, self.variant)
+        else:
+          # Fused kernels want head sizes that are multiples of 8: zero channels change nothing.
+          pad = -c % 8
+          qp, kp = (F.pad(t, (0, pad))[:, None] for t in (q, k))
+          for _ in range(self.n_iter):
+            attended = F.scaled_dot_product_attention(qp, kp, F.pad(v, (0, pad))[:, None],
+                                                      scale=scale)[:, 0, :, :c]
+            v = ifb_update(attended, v, alpha, self.variant)
+      fused = v.transpose(1, 2).reshape(b, c, h, w)
+      return self_features + resize(fused.to(self_features.dtype), f_t.shape[-2:])
+
+  def _exact_size_fuse_forward(module, x):
+    """timm HighResolutionModule.forward with j > i paths resized to branch i's exact size."""
+    if module.num_branches == 1:
+      return [module.branches[0](x[0])]
+    x = [branch(xi) for branch, xi in zip(module.branches, x)]
+    outs = []
+    for i, fuse_outer in enumerate(module.fuse_layers):
+      y = None
+      for j, f in enumerate(fuse_outer):
+        z = f(x[j])
+        if j > i:
+          z = resize(z, x[i].shape[-2:])
+        y = z if y is None else y + z
+      outs.append(module.fuse_act(y))
+    return outs
+
+  def hrnet_backbone():
+    """timm hrnet_w18_small_v2, four raw branches (18/36/72/144 ch), bilinear exact-size fuse."""
+    net = timm.create_model("hrnet_w18_small_v2", pretrained=False, features_only=True,
+                            feature_location="", out_indices=(1, 2, 3, 4))
+    for module in net.modules():
+      if isinstance(module, timm_hrnet.HighResolutionModule) and module.num_branches > 1:
+        for i, fuse_outer in enumerate(module.fuse_layers):
+          for j in range(i + 1, len(fuse_outer)):
+            fuse_outer[j][2] = nn.Identity()  # was nn.Upsample(scale_factor=2 ** (j - i))
+        module.forward = types.MethodType(_exact_size_fuse_forward, module)
+    return net
+
+  class IterFuseNet(nn.Module):
+    """Backbone -> upsample + concat (270 ch) -> initial modules -> TPIM -> heads -> input size.
+
+    Call: images [B, 3, H, W] -> {"initial": {task: [B, C_task, H, W]}, "final": {...}}.
+    """
+
+    def __init__(self, tasks, num_outputs, task_channels, initial_blocks, scale, variant,
+                 n_iter, alpha_init, impl):
+      super().__init__()
+      self.tasks = tuple(tasks)
+      self.backbone = hrnet_backbone()
+      shared = sum(self.backbone.feature_info.channels())
+      self.initial = nn.ModuleDict({
+          t: InitialTaskModule(shared, task_channels, num_outputs[t], initial_blocks)
+          for t in self.tasks})
+      self.cibs = nn.ModuleDict({
+          f"{s}_to_{t}": CrossTaskInteractionBlock(task_channels, scale, variant, n_iter,
+                                                   alpha_init, impl)
+          for t in self.tasks for s in self.tasks if s != t})
+      self.heads = nn.ModuleDict({t: TaskHead(task_channels, num_outputs[t])
+                                  for t in self.tasks})
+
+    def forward(self, images):
+      size = images.shape[-2:]
+      branches = self.backbone(images)
+      shared = torch.cat([resize(b, branches[0].shape[-2:]) for b in branches], dim=1)
+      features, outputs = {}, {"initial": {}, "final": {}}
+      for t in self.tasks:
+        features[t], prediction = self.initial[t](shared)
+        outputs["initial"][t] = resize(prediction, size).float()
+      for t in self.tasks:
+        total = features[t]
+        for s in self.tasks:
+          if s != t:
+            total = total + self.cibs[f"{s}_to_{t}"](features[s], features[t])
+        outputs["final"][t] = resize(self.heads[t](total), size).float()
+      return outputs
+
+  def cross_entropy(logits, labels):
+    return F.cross_entropy(logits, labels.long(), ignore_index=IGNORE_LABEL)
+
+  def l1(prediction, labels):
+    valid = (labels > 0) & (labels != IGNORE_LABEL)
+    error = torch.where(valid, (prediction[:, 0] - labels).abs(), 0.0)
+    return error.sum() / valid.sum().clamp(min=1)
+
+  def balanced_bce(logits, labels):
+    x = logits[:, 0]
+    valid = labels != IGNORE_LABEL
+    positive = valid & (labels >= 0.5)
+    negative = valid & ~positive
+    num_valid = valid.sum().clamp(min=1).float()
+    w = negative.sum() / num_valid
+    loss_pos = torch.where(positive, F.softplus(-x), 0.0).sum()
+    loss_neg = torch.where(negative, F.softplus(x), 0.0).sum()
+    return (w * loss_pos + (1 - w) * loss_neg) / num_valid
+
+  task_losses = {"semseg": cross_entropy, "human_parts": cross_entropy, "depth": l1,
+                 "sal": balanced_bce}
+
+  def multitask_loss(outputs, batch, tasks, weights):
+    """losses.multitask_loss: weighted sum over the "initial" and "final" predictions."""
+    total = 0.0
+    for level in ("initial", "final"):
+      for t in tasks:
+        total = total + weights[t] * task_losses[t](outputs[level][t], batch[t])
+    return total
+
+  return types.SimpleNamespace(IterFuseNet=IterFuseNet, multitask_loss=multitask_loss,
+                               CrossTaskInteractionBlock=CrossTaskInteractionBlock,
+                               hrnet_backbone=hrnet_backbone, torch=torch)
+
+
+def _check_port_covers(config) -> None:
+  """Raises unless the PyTorch port implements what `config` asks of the JAX model."""
+  m, tpim, opt = config.model, config.model.tpim, config.optimizer
+  implemented = {"model.name": (m.name, "iterfuse"), "model.backbone": (m.backbone, "w18_small_v2"),
+                 "model.fuse_upsample": (m.fuse_upsample, "bilinear"),
+                 "model.tpim.use_ifb": (tpim.use_ifb, True),
+                 "model.tpim.qk_channels": (tpim.qk_channels, 0),
+                 "optimizer.name": (opt.name, "adam")}
+  differ = {k: got for k, (got, want) in implemented.items() if got != want}
+  if differ:
+    raise ValueError(f"the PyTorch port does not implement {differ}")
+
+
+def measure_torch(setting: Setting) -> dict:
+  """Times the eager PyTorch port's train step (forward, losses, backward, Adam)."""
+  port = torch_port()
+  torch = port.torch
+  config = benchmark_config(setting)
+  _check_port_covers(config)
+  torch.manual_seed(setting.seed)
+  device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+  if device.type == "cuda":
+    torch.backends.cudnn.benchmark = True
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+  tasks = tuple(config.dataset.tasks)
+  tpim = config.model.tpim
+  model = port.IterFuseNet(
+      tasks, {t: task_registry.num_outputs(t, setting.dataset) for t in tasks},
+      task_channels=config.model.task_channels, initial_blocks=config.model.initial_blocks,
+      scale=tpim.scale, variant=tpim.variant, n_iter=tpim.n_iter, alpha_init=tpim.alpha_init,
+      impl=setting.impl).to(device).train()
+  num_params = sum(p.numel() for p in model.parameters())
+  # The first epoch's learning rate of the poly schedule is the base rate.
+  optimizer = torch.optim.Adam(model.parameters(), lr=config.optimizer.learning_rate,
+                               weight_decay=config.optimizer.weight_decay)
+  host = random_batch(setting.dataset, tasks, setting.batch, setting.height, setting.width,
+                      setting.seed)
+  batch = {k: torch.from_numpy(v).to(device) for k, v in host.items()}
+  images = batch.pop("image").permute(0, 3, 1, 2).contiguous()
+  weights = {t: float(config.loss_weights[t]) for t in tasks}
+  use_bf16 = setting.dtype == "bfloat16"
+
+  def sync():
+    if device.type == "cuda":
+      torch.cuda.synchronize()
+
+  def step():
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+      outputs = model(images)
+    loss = port.multitask_loss(outputs, batch, tasks, weights)
+    loss.backward()
+    optimizer.step()
+    sync()
+    return float(loss.detach()), time.perf_counter() - start
+
+  loss, first_s = step()
+  for _ in range(setting.warmup):
+    step()
+  times = []
+  for _ in range(setting.steps):
+    loss, seconds = step()
+    times.append(seconds)
+  if device.type == "cuda":
+    peak, peak_kind = torch.cuda.max_memory_allocated(), "cuda max_memory_allocated"
+    name = torch.cuda.get_device_name()
+    del model, optimizer, batch, images
+    torch.cuda.empty_cache()  # give the memory back for the rows after this one (--no-isolate)
+  else:
+    peak, peak_kind = _max_rss_bytes(), "process max RSS"
+    name = f"{torch.get_num_threads()} threads"
+  return _summary(setting, times or [first_s], compile_s=0.0, first_step_s=first_s,
+                  peak_bytes=peak, peak_kind=peak_kind, xla_plan_bytes=None,
+                  loss=loss, num_params=num_params, device=f"{device.type}: {name}")
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def measure(setting: Setting) -> dict:
+  if setting.framework == "jax":
+    return measure_jax(setting)
+  if setting.framework == "torch":
+    return measure_torch(setting)
+  raise ValueError(f"unknown framework {setting.framework!r}; expected 'jax' or 'torch'")
+
+
+def _measure_in_subprocess(setting: Setting) -> dict:
+  """One row in a fresh interpreter, so that its max RSS and device peak are its own."""
+  env = dict(os.environ)
+  repo_root = str(pathlib.Path(__file__).resolve().parents[1])
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH")) if p)
+  cmd = [sys.executable, "-m", "benchmarks.train_step", "--_child",
+         json.dumps(dataclasses.asdict(setting))]
+  done = subprocess.run(cmd, env=env, cwd=repo_root, capture_output=True, text=True, check=False)
+  if done.returncode != 0:
+    return {**dataclasses.asdict(setting), "error": _last_error_line(done.stderr, done.returncode)}
+  try:
+    return json.loads(done.stdout.strip().splitlines()[-1])
+  except (IndexError, json.JSONDecodeError):
+    return {**dataclasses.asdict(setting), "error": "the row's process printed no JSON result"}
+
+
+def _measure_here(setting: Setting) -> dict:
+  """One row in this process (--no-isolate); a failure becomes an error row, as isolated."""
+  try:
+    return measure(setting)
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    traceback.print_exc()
+    return {**dataclasses.asdict(setting), "error": f"{type(e).__name__}: {e}"[:200]}
+
+
+def _last_error_line(stderr: str, returncode: int) -> str:
+  lines = [l for l in stderr.strip().splitlines() if l.strip()]
+  if returncode in (-9, 137):  # SIGKILL: the kernel's OOM killer
+    return "killed (out of memory?)"
+  return lines[-1][:200] if lines else f"exit status {returncode}"
+
+
+HEADER = (f"{'framework':9s} {'ifb':12s} {'compile s':>9s} {'1st step s':>10s} {'step s':>8s} "
+          f"{'images/s':>9s} {'peak MiB':>9s} {'max RSS MiB':>11s} {'JAX/PT':>7s} {'loss':>8s}")
+
+
+def format_row(row: dict, ratio: float | None) -> str:
+  name = "JAX" if row["framework"] == "jax" else "PyTorch"
+  if "error" in row:
+    return f"{name:9s} {row['impl']:12s} failed: {row['error']}"
+  ratio_text = f"{ratio:7.2f}" if ratio is not None else f"{'-':>7s}"
+  return (f"{name:9s} {row['impl']:12s} {row['compile_s']:9.2f} {row['first_step_s']:10.2f} "
+          f"{row['step_s']:8.3f} {row['images_per_s']:9.2f} {row['peak_bytes'] / MiB:9.1f} "
+          f"{row['max_rss_bytes'] / MiB:11.1f} {ratio_text} {row['loss']:8.3f}")
+
+
+def _parse_list(kind, allowed=None):
+  def parse(text: str):
+    values = [kind(x) for x in text.split(",") if x]
+    if not values:
+      raise argparse.ArgumentTypeError("expected a comma-separated list")
+    if allowed is not None:
+      bad = [v for v in values if v not in allowed]
+      if bad:
+        raise argparse.ArgumentTypeError(f"unknown values {bad}; expected some of {list(allowed)}")
+    return values
+  return parse
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m benchmarks.train_step",
+                                   description=__doc__.split("\n", maxsplit=1)[0])
+  parser.add_argument("--dataset", choices=sorted(DEFAULT_SIZES), default="nyud")
+  parser.add_argument("--height", type=int, default=0, help="0: the paper's size (480 / 512)")
+  parser.add_argument("--width", type=int, default=0, help="0: the paper's size (640 / 512)")
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--n-iter", type=_parse_list(int), default=[0, 4, 18],
+                      help="comma-separated IFB iteration counts")
+  parser.add_argument("--ifb-impl", type=_parse_list(str, JAX_IMPLS), default=list(JAX_IMPLS),
+                      help="comma-separated JAX IFB implementations")
+  parser.add_argument("--variant", choices=("A", "B", "C"), default="C")
+  parser.add_argument("--task-channels", type=int, default=270)
+  parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+  parser.add_argument("--warmup", type=int, default=1, help="untimed steps after the first")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  parser.add_argument("--jax", action=argparse.BooleanOptionalAction, default=True,
+                      help="time iterfuse_jax's train step")
+  parser.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True,
+                      help="also time the PyTorch eager port")
+  parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
+                      help="each row in a fresh subprocess (own max RSS and device peak)")
+  parser.add_argument("--json", default="", help="also write the rows to this file")
+  parser.add_argument("--_child", default="", help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+
+  child = args._child  # pylint: disable=protected-access
+  if child:
+    print(json.dumps(measure(Setting(**json.loads(child)))))
+    return 0
+
+  default_h, default_w = DEFAULT_SIZES[args.dataset]
+  height, width = args.height or default_h, args.width or default_w
+  if min(height, width, args.batch, args.task_channels, args.steps + 1) < 1 or args.warmup < 0:
+    parser.error("height, width, batch and task channels must be positive, steps and warmup "
+                 "non-negative")
+  if any(n < 0 for n in args.n_iter):
+    parser.error(f"--n-iter values must be non-negative, got {args.n_iter}")
+  if not (args.jax or args.torch):
+    parser.error("--no-jax and --no-torch leave nothing to time")
+  if args.isolate:
+    run = _measure_in_subprocess
+  else:
+    run = _measure_here
+    if args.torch:
+      # Both frameworks in one process: JAX must not preallocate most of a GPU's memory, and
+      # torch (with timm, torchvision, triton) must be imported before JAX compiles anything:
+      # importing triton after an XLA compilation crashes the process (LLVM symbol clash).
+      os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+      torch_port()
+
+  print(f"train step: IterFuse (HRNet-W18-small-v2, IFB {args.variant}) on {args.dataset}, "
+        f"{height}x{width}, batch {args.batch}, task channels {args.task_channels}, "
+        f"{args.dtype}; median of {args.steps} steps after {args.warmup} warm-up", flush=True)
+  rows = []
+  for n_iter in args.n_iter:
+    common = dict(dataset=args.dataset, height=height, width=width, batch=args.batch,
+                  n_iter=n_iter, variant=args.variant, task_channels=args.task_channels,
+                  dtype=args.dtype, steps=args.steps, warmup=args.warmup)
+    block = []
+    if args.jax:
+      for impl in args.ifb_impl:
+        block.append(run(Setting(framework="jax", impl=impl, **common)))
+    if args.torch:
+      for impl in args.ifb_impl:
+        block.append(run(Setting(framework="torch", impl=TORCH_IMPL_FOR[impl], **common)))
+    torch_speed = {r["impl"]: r["images_per_s"] for r in block
+                   if r["framework"] == "torch" and "error" not in r}
+    print(f"\nn_iter = {n_iter}")
+    print(HEADER)
+    for row in block:
+      ratio = None
+      if row["framework"] == "jax" and "error" not in row:
+        reference = torch_speed.get(TORCH_IMPL_FOR[row["impl"]])
+        if reference:
+          ratio = row["images_per_s"] / reference
+          row["jax_over_torch"] = ratio
+      print(format_row(row, ratio), flush=True)
+    rows.extend(block)
+
+  done = [r for r in rows if "error" not in r]
+  print()
+  for framework in ("jax", "torch"):
+    sample = next((r for r in done if r["framework"] == framework), None)
+    if sample is not None:
+      print(f"{'JAX' if framework == 'jax' else 'PyTorch'}: {sample['device']}; "
+            f"{sample['num_params']:,} parameters; peak MiB = {sample['peak_kind']}")
+  print("compile s: JAX lower + compile (PyTorch eager: 0); JAX/PT: JAX images/s over the "
+        "PyTorch row of the matching IFB (materialized ~ materialized, streamed ~ sdpa); "
+        "max RSS: the process's, " + ("one process per row" if args.isolate else
+                                      "cumulative over this process (rows not isolated)"),
+        flush=True)
+  if args.json:
+    with open(args.json, "w", encoding="utf-8") as f:
+      json.dump(rows, f, indent=1)
+  return 0 if len(done) == len(rows) else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,131 @@
+"""benchmarks/train_step.py end to end at a tiny size: table structure and figures, no timing.
+
+Every JAX row compiles the whole HRNet train step (tens of seconds on a CPU), so the JAX rows
+compile without XLA's expensive passes and the isolated (default) mode runs one PyTorch row.
+"""
+
+import json
+import math
+
+import jax
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("timm")
+
+from benchmarks import train_step  # noqa: E402
+
+# Load torch, timm, torchvision and triton now, at collection, before any test compiles with XLA:
+# importing triton after an XLA compilation crashes the process.
+train_step.torch_port()
+
+TINY = ["--height", "32", "--width", "32", "--batch", "2", "--task-channels", "8", "--steps", "1",
+        "--warmup", "0"]
+TITLE = ("train step: IterFuse (HRNet-W18-small-v2, IFB C) on nyud, 32x32, batch 2, "
+         "task channels 8, float32; median of 1 steps after 0 warm-up")
+POSITIVE = ("step_s", "images_per_s", "first_step_s", "peak_bytes", "max_rss_bytes", "loss",
+            "num_params")
+
+
+@pytest.fixture(autouse=True)
+def cheap_rows(monkeypatch):
+  """Here and in the rows' subprocesses: no expensive XLA passes, one PyTorch thread.
+
+  One thread because PyTorch's spinning OpenMP threads slow a step 100-fold on a busy machine.
+  """
+  monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+  monkeypatch.setenv("OMP_NUM_THREADS", "1")
+  old = (jax.config.values["jax_disable_most_optimizations"], torch.get_num_threads())
+  jax.config.update("jax_disable_most_optimizations", True)
+  torch.set_num_threads(1)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old[0])
+  torch.set_num_threads(old[1])
+
+
+def table_rows(printed: str, n_iter: int) -> list[list[str]]:
+  """The rows under "n_iter = N" and the header, split on whitespace."""
+  lines = printed.splitlines()
+  start = lines.index(f"n_iter = {n_iter}")
+  assert lines[start + 1] == train_step.HEADER
+  rows = []
+  for line in lines[start + 2:]:
+    if not line.strip():
+      break
+    rows.append(line.split())
+  return rows
+
+
+def check_figures(row: dict) -> None:
+  for key in POSITIVE:
+    assert math.isfinite(row[key]) and row[key] > 0, (key, row)
+  assert row["images_per_s"] == pytest.approx(row["batch"] / row["step_s"])
+  if row["framework"] == "jax":
+    assert row["compile_s"] > 0
+    assert math.isfinite(row["xla_plan_bytes"]) and row["xla_plan_bytes"] > 0
+    assert row["peak_kind"] == "XLA plan temp+arg+out-alias"
+  else:
+    assert row["compile_s"] == 0 and row["xla_plan_bytes"] is None
+    assert row["peak_kind"] == "process max RSS"
+
+
+def test_train_step_benchmark_in_process(tmp_path, capsys):
+  """Both JAX IFBs and their PyTorch counterparts in this process; ratios pair the right rows."""
+  rows_file = tmp_path / "rows.json"
+  assert train_step.main([*TINY, "--n-iter", "2", "--no-isolate", "--json", str(rows_file)]) == 0
+  printed = capsys.readouterr().out
+  assert printed.splitlines()[0] == TITLE
+  rows = json.loads(rows_file.read_text())
+  assert [(r["framework"], r["impl"], r["n_iter"]) for r in rows] == [
+      ("jax", "materialized", 2), ("jax", "streamed", 2),
+      ("torch", "materialized", 2), ("torch", "sdpa", 2)]
+  for row in rows:
+    check_figures(row)
+  # The port is the same network: parameter for parameter.
+  assert len({r["num_params"] for r in rows}) == 1
+
+  torch_rows = {r["impl"]: r for r in rows if r["framework"] == "torch"}
+  for row, pair in ((rows[0], "materialized"), (rows[1], "sdpa")):
+    assert row["jax_over_torch"] == pytest.approx(
+        row["images_per_s"] / torch_rows[pair]["images_per_s"])
+  assert all("jax_over_torch" not in r for r in torch_rows.values())
+
+  table = table_rows(printed, 2)
+  assert [cells[:2] for cells in table] == [
+      ["JAX", "materialized"], ["JAX", "streamed"], ["PyTorch", "materialized"],
+      ["PyTorch", "sdpa"]]
+  for cells, row in zip(table, rows):
+    assert len(cells) == 10, cells
+    assert float(cells[5]) == pytest.approx(row["images_per_s"], abs=0.006)
+    if row["framework"] == "jax":
+      assert float(cells[8]) == pytest.approx(row["jax_over_torch"], abs=0.006)
+    else:
+      assert cells[8] == "-"
+  assert f"JAX: cpu: cpu; {rows[0]['num_params']:,} parameters" in printed
+  assert "PyTorch: cpu: " in printed
+  assert "cumulative over this process (rows not isolated)" in printed
+
+
+def test_train_step_benchmark_isolated_row(tmp_path, capsys):
+  """The default mode: the row in a fresh subprocess, its figures passed back as JSON."""
+  rows_file = tmp_path / "rows.json"
+  assert train_step.main([*TINY, "--n-iter", "0", "--ifb-impl", "streamed", "--no-jax",
+                          "--json", str(rows_file)]) == 0
+  printed = capsys.readouterr().out
+  (row,) = json.loads(rows_file.read_text())
+  assert (row["framework"], row["impl"], row["n_iter"]) == ("torch", "sdpa", 0)
+  check_figures(row)
+  (cells,) = table_rows(printed, 0)
+  assert cells[:2] == ["PyTorch", "sdpa"] and cells[8] == "-"
+  assert "one process per row" in printed
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n-iter", "-1"], "non-negative"),
+    (["--ifb-impl", "dense"], "unknown values"),
+    (["--no-jax", "--no-torch"], "nothing to time"),
+])
+def test_train_step_benchmark_rejects_bad_arguments(args, message, capsys):
+  with pytest.raises(SystemExit):
+    train_step.main(args)
+  assert message in capsys.readouterr().err
