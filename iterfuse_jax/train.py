@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import time
 from typing import Any, Callable, Iterator, Mapping
 
@@ -387,8 +386,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   metrics_cls = metrics.make_eval_metrics(tasks, dataset)
   jitted_eval = jax.jit(functools.partial(eval_step, tasks=tasks, metrics_cls=metrics_cls))
   jitted_predict = jax.jit(predict_step)
-  num_eval_batches = math.ceil(
-      _eval_size(config) / (config.batch_size // jax.process_count()))
 
   hooks = []
   if jax.process_index() == 0:
@@ -399,12 +396,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                             logdir=str(workdir), first_profile=start_step + 2))
 
   def run_eval(step: int) -> dict[str, float]:
-    eval_batches = data_pipeline.create_eval_dataset(config.dataset, config.batch_size)
+    eval_batches = create_eval_batches(config)
     results = add_delta_m(
-        evaluate(state, jitted_eval, eval_batches, data_sharding, num_eval_batches),
+        evaluate(state, jitted_eval, eval_batches, data_sharding, len(eval_batches)),
         config, tasks)
     writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
-    first = next(iter(data_pipeline.create_eval_dataset(config.dataset, config.batch_size)))
+    first = next(iter(eval_batches))
     images = summary_images(state, jitted_predict, first, tasks, dataset,
                             config.num_eval_images, data_sharding)
     writer.write_images(step, {f"eval/{k}": v for k, v in images.items()})
@@ -476,17 +473,22 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   state, step = checkpoints.restore_state(state, which)
   metrics_cls = metrics.make_eval_metrics(tasks, config.dataset.name)
   jitted_eval = jax.jit(functools.partial(eval_step, tasks=tasks, metrics_cls=metrics_cls))
-  eval_batches = data_pipeline.create_eval_dataset(config.dataset, config.batch_size)
-  results = add_delta_m(evaluate(state, jitted_eval, eval_batches, data_sharding), config, tasks)
+  eval_batches = create_eval_batches(config)
+  results = add_delta_m(evaluate(state, jitted_eval, eval_batches, data_sharding,
+                                 len(eval_batches)), config, tasks)
   print(results_table(results, f"{which} checkpoint (step {step}) of {workdir}"))
   checkpoints.close()
   return results
 
 
-def _eval_size(config: ml_collections.ConfigDict) -> int:
-  n = data_pipeline.num_examples(config.dataset, config.dataset.eval_split)
-  limit = config.dataset.get("max_eval_examples", -1)
-  return min(n, limit) if limit and limit > 0 else n
+def create_eval_batches(config: ml_collections.ConfigDict):
+  """This host's share of the eval split: every process_count-th example, its part of the batch.
+
+  Every host yields the same number of (padded) batches, so the sharded eval steps line up.
+  """
+  return data_pipeline.create_eval_dataset(
+      config.dataset, config.batch_size // jax.process_count(), shard_index=jax.process_index(),
+      shard_count=jax.process_count())
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
