@@ -36,9 +36,9 @@ import ml_collections
 import numpy as np
 
 from iterfuse_jax import metrics
+from iterfuse_jax.inference import CONFIG_FILE
 from iterfuse_jax import tasks as task_registry
 
-CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 
 # Column titles as the paper prints them.

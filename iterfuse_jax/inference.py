@@ -26,12 +26,11 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from data_pipelines.transforms import IMAGENET_MEAN, IMAGENET_STD
 from iterfuse_jax import tasks as task_registry
 from iterfuse_jax.models import build_model
 from iterfuse_jax.models.iterative_fusion import ifb_update
-
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+from iterfuse_jax.models.layers import resize_bilinear
 CONFIG_FILE = "config.json"
 
 
@@ -66,13 +65,8 @@ def check_rgb(image: np.ndarray) -> np.ndarray:
 
 
 def normalize(image01: np.ndarray) -> np.ndarray:
-  """ImageNet normalisation, as the input pipelines apply it: [..., 3] in 0..1 -> float32."""
+  """ImageNet normalisation with the input pipeline's constants: [..., 3] in 0..1 -> float32."""
   return (image01 - IMAGENET_MEAN) / IMAGENET_STD
-
-
-def resize(x: jax.Array, size: tuple[int, int], method: str = "linear") -> jax.Array:
-  """Resizes [B, H, W, C] to [B, *size, C] (no antialiasing: what the reference's interpolate does)."""
-  return jax.image.resize(x, (x.shape[0], *size, x.shape[-1]), method=method, antialias=False)
 
 
 def load_config(workdir: str | epath.Path) -> ml_collections.ConfigDict:
@@ -199,9 +193,9 @@ class Predictor:
     """
     image = check_rgb(image)
     size = image.shape[:2]
-    x = resize(jnp.asarray(normalize(image))[None], self.input_size)
+    x = resize_bilinear(jnp.asarray(normalize(image))[None], self.input_size)
     logits = self._forward(self.variables, x)
-    return {t: np.asarray(resize(v, size)[0]) for t, v in logits.items()}
+    return {t: np.asarray(resize_bilinear(v, size)[0]) for t, v in logits.items()}
 
   def predict(self, image: np.ndarray) -> dict[str, np.ndarray]:
     """Predictions at the image's size: segmentation [H, W] int32 class ids, depth [H, W]
@@ -263,7 +257,7 @@ class Predictor:
     if not (0 <= row < h_img and 0 <= col < w_img):
       raise ValueError(f"pixel {pixel} is outside the image of size {(h_img, w_img)}")
 
-    x = resize(jnp.asarray(normalize(image01))[None], self.input_size)
+    x = resize_bilinear(jnp.asarray(normalize(image01))[None], self.input_size)
     _, state = self.model.apply(self.variables, x, train=False, mutable=["intermediates"])
     cib = state["intermediates"]["distillation"][f"cib_{source}_to_{target}"]
     co = np.asarray(cib["affinity"][0][0])  # [M, M]

@@ -26,7 +26,7 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data_pipelines import pipeline as data_pipeline
-from iterfuse_jax import losses, metrics, visualization
+from iterfuse_jax import inference, losses, metrics, visualization
 from iterfuse_jax.checkpoints import RunCheckpoints
 from iterfuse_jax.models import build_model
 
@@ -331,7 +331,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     prepare_synthetic_data(config, workdir)
   if jax.process_index() == 0:
     # What `iterfuse_jax.inference.load_predictor` and the comparison table read back.
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    (workdir / inference.CONFIG_FILE).write_text(
+        config.to_json_best_effort(indent=2, sort_keys=True))
   tasks = tuple(config.dataset.tasks)
   dataset = config.dataset.name
 
@@ -422,8 +423,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     for hook in hooks:
       hook(step)
 
-    if step % config.log_every_steps == 0 or step == total_steps:
+    last = step == total_steps
+    log_now = last or step % config.log_every_steps == 0
+    save_now = last or step % ckpt_every == 0
+    eval_now = last or step % eval_every == 0
+    if log_now or save_now or eval_now:
+      # Nothing is logged, saved or evaluated from a state past a non-finite step.
       _check_finite(state, last_saved, workdir)
+    if log_now:
       summary = {k: float(np.mean([m[k] for m in jax.device_get(train_metrics)]))
                  for k in train_metrics[0]}
       elapsed = time.time() - last_log_time
@@ -432,12 +439,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       train_metrics = []
       last_log_time, last_log_step = time.time(), step
 
-    if step % ckpt_every == 0 or step == total_steps:
-      _check_finite(state, last_saved, workdir)
+    if save_now:
       checkpoints.save(step, state, train_iter)
       last_saved = step
-    if step % eval_every == 0 or step == total_steps:
-      _check_finite(state, last_saved, workdir)
+    if eval_now:
       results = run_eval(step)
     writer.flush()
 
