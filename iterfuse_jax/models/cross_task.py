@@ -11,17 +11,18 @@ import jax.numpy as jnp
 
 from iterfuse_jax.models.iterative_fusion import check_ifb_args, iterative_fusion
 from iterfuse_jax.models.layers import ConvBNReLU, Dtype, resize_bilinear
+from iterfuse_jax.precision import accumulation_dtype
 
 IFB_IMPLEMENTATIONS = ("materialized", "streamed")
 
 
 def affinity_matrix(q: jax.Array, k: jax.Array) -> jax.Array:
-  """Co = softmax(Q K^T / sqrt(d)) over source positions, in float32.
+  """Co = softmax(Q K^T / sqrt(d)) over source positions, in at least float32.
 
   q: [B, M, d] (target positions), k: [B, M, d] (source positions) -> [B, M, M].
   """
   d = q.shape[-1]
-  logits = jnp.einsum("bid,bjd->bij", q, k, preferred_element_type=jnp.float32)
+  logits = jnp.einsum("bid,bjd->bij", q, k, preferred_element_type=accumulation_dtype(q.dtype))
   return jax.nn.softmax(logits / math.sqrt(d), axis=-1)
 
 
@@ -51,14 +52,16 @@ class CrossTaskInteractionBlock(nn.Module):
 
   Attributes:
     channels: C, channels of the task features (and of V).
-    qk_channels: d, channels of Q and K; None means d = C.
+    qk_channels: d, channels of Q and K; None means d = C // 2 (the Non-local block's embedding
+      halves the channels; the paper reduces the dimension but gives no number). V keeps C
+      channels: it is added to the C-channel features.
     scale: sc, down/up-scaling factor around the global attention.
     use_ifb: False gives the paper's "w/o IFB" ablation, one plain `Co V`.
     variant: IFB variant "A", "B" or "C".
     n_iter: IFB iterations (static).
     alpha_init: initial value of the learnable scalar alpha.
     ifb_impl: "materialized" (builds Co once per forward) or "streamed" (never builds Co).
-    dtype: computation dtype; the softmax and IFB accumulate in float32 regardless.
+    dtype: computation dtype; the softmax and IFB accumulate in at least float32.
 
   Inputs f_s, f_t: [B, H, W, C] -> [B, H, W, C]. With the "intermediates" collection mutable, the
   block sows `affinity` ([B, M, M], materialized only), `values` (V, [B, M, C]) and the pooled grid
@@ -99,7 +102,7 @@ class CrossTaskInteractionBlock(nn.Module):
   def __call__(self, f_s: jax.Array, f_t: jax.Array, train: bool) -> jax.Array:
     self._check(f_s, f_t)
     c = self.channels
-    d = self.qk_channels or c
+    d = self.qk_channels or max(c // 2, 1)
 
     self_features = SpatialSelfAttention(c, dtype=self.dtype, name="self_attention")(f_s)
 

@@ -23,11 +23,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from iterfuse_jax.models.layers import BasicBlock, batch_norm, resize_bilinear
+from iterfuse_jax.models.layers import (BACKBONE_BN_MOMENTUM, BOTTLENECK_EXPANSION,
+                                        BasicBlock, Bottleneck, batch_norm,
+                                        resize_bilinear)
 
 Dtype = Any
 
-BOTTLENECK_EXPANSION = 4
 FUSE_UPSAMPLE_MODES = ("bilinear", "nearest")
 
 
@@ -122,37 +123,8 @@ class ConvBN(nn.Module):
     k = self.kernel_size
     x = nn.Conv(self.features, (k, k), strides=self.strides, padding=k // 2,
                 use_bias=self.use_bias, dtype=self.dtype, name="conv")(x)
-    x = batch_norm(train, self.dtype, name="bn")(x)
+    x = batch_norm(train, self.dtype, name="bn", momentum=BACKBONE_BN_MOMENTUM)(x)
     return nn.relu(x) if self.relu else x
-
-
-class Bottleneck(nn.Module):
-  """ResNet bottleneck (1x1, 3x3 with the stride, 1x1 to 4x planes), projection when needed.
-
-  [B, H, W, Cin] -> [B, H/s, W/s, 4 * planes].
-  """
-
-  planes: int
-  strides: int = 1
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    out_features = self.planes * BOTTLENECK_EXPANSION
-
-    def conv(features, k, strides, name):
-      return nn.Conv(features, (k, k), strides=strides, padding=k // 2, use_bias=False,
-                     dtype=self.dtype, name=name)
-
-    y = nn.relu(batch_norm(train, self.dtype, "bn1")(conv(self.planes, 1, 1, "conv1")(x)))
-    y = nn.relu(batch_norm(train, self.dtype, "bn2")(
-        conv(self.planes, 3, self.strides, "conv2")(y)))
-    y = batch_norm(train, self.dtype, "bn3")(conv(out_features, 1, 1, "conv3")(y))
-    residual = x
-    if self.strides != 1 or x.shape[-1] != out_features:
-      residual = batch_norm(train, self.dtype, "downsample_bn")(
-          conv(out_features, 1, self.strides, "downsample_conv")(x))
-    return nn.relu(y + residual)
 
 
 class Transition(nn.Module):
@@ -207,7 +179,8 @@ class HighResolutionModule(nn.Module):
     for b in range(n):
       x = xs[b]
       for k in range(self.num_blocks[b]):
-        x = BasicBlock(self.channels[b], dtype=self.dtype, name=f"branch{b}_block{k}")(x, train)
+        x = BasicBlock(self.channels[b], bn_momentum=BACKBONE_BN_MOMENTUM, dtype=self.dtype,
+                       name=f"branch{b}_block{k}")(x, train)
       branches.append(x)
     if n == 1:
       return branches
@@ -285,10 +258,12 @@ class HRNet(nn.Module):
     for i, width in ((1, spec.stem_width), (2, 64)):
       x = nn.Conv(width, (3, 3), strides=2, padding=1, use_bias=False, dtype=self.dtype,
                   name=f"conv{i}")(x)
-      x = nn.relu(batch_norm(train, self.dtype, name=f"bn{i}")(x))
+      x = nn.relu(batch_norm(train, self.dtype, name=f"bn{i}",
+                              momentum=BACKBONE_BN_MOMENTUM)(x))
 
     for k in range(spec.layer1_blocks):
-      x = Bottleneck(spec.layer1_planes, dtype=self.dtype, name=f"layer1_block{k}")(x, train)
+      x = Bottleneck(spec.layer1_planes, bn_momentum=BACKBONE_BN_MOMENTUM, dtype=self.dtype,
+                     name=f"layer1_block{k}")(x, train)
 
     xs = [x]
     channels = (spec.layer1_planes * BOTTLENECK_EXPANSION,)
@@ -322,7 +297,8 @@ class HRNetClassifier(nn.Module):
         images, train=train)
     y = None
     for i, x in enumerate(branches):
-      x = Bottleneck(CLASSIFIER_HEAD_PLANES[i], dtype=self.dtype, name=f"incre{i}")(x, train)
+      x = Bottleneck(CLASSIFIER_HEAD_PLANES[i], bn_momentum=BACKBONE_BN_MOMENTUM,
+                     dtype=self.dtype, name=f"incre{i}")(x, train)
       if y is not None:
         y = ConvBN(CLASSIFIER_HEAD_PLANES[i] * BOTTLENECK_EXPANSION, 3, strides=2, use_bias=True,
                    dtype=self.dtype, name=f"downsamp{i - 1}")(y, train)

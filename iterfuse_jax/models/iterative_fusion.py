@@ -15,6 +15,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from iterfuse_jax.precision import accumulation_dtype
+
 IFB_VARIANTS = ("A", "B", "C")
 
 
@@ -51,7 +53,7 @@ def iterative_fusion(co: jax.Array, v: jax.Array, alpha: jax.Array, n_iter: int,
 
   `Co` enters the loop as a loop-invariant constant, so it is built once per forward pass; under
   reverse-mode differentiation the loop keeps one [B, M, C] iterate per step (plus `Co` once), not one
-  [B, M, M] matrix per step. Matrix products accumulate in float32 whatever the input dtype.
+  [B, M, M] matrix per step. Matrix products accumulate in at least float32.
   """
   check_ifb_args(variant, n_iter)
   if co.ndim != 3 or co.shape[1] != co.shape[2]:
@@ -66,11 +68,11 @@ def iterative_fusion(co: jax.Array, v: jax.Array, alpha: jax.Array, n_iter: int,
     return v
 
   out_dtype = v.dtype
-  alpha = alpha.astype(jnp.float32)
+  acc = accumulation_dtype(jnp.promote_types(co.dtype, v.dtype))
+  alpha = alpha.astype(acc)
 
   def body(_, v_t):
-    attended = jnp.einsum("bij,bjc->bic", co, v_t.astype(co.dtype),
-                          preferred_element_type=jnp.float32)
-    return ifb_update(attended, v_t.astype(jnp.float32), alpha, variant).astype(out_dtype)
+    attended = jnp.einsum("bij,bjc->bic", co, v_t.astype(co.dtype), preferred_element_type=acc)
+    return ifb_update(attended, v_t.astype(acc), alpha, variant).astype(out_dtype)
 
   return jax.lax.fori_loop(0, n_iter, body, v)

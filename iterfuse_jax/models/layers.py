@@ -1,24 +1,86 @@
-"""Small building blocks shared by heads and distillation modules (NHWC)."""
+"""Small building blocks shared by the backbone, heads and distillation modules (NHWC).
+
+BatchNorm follows PyTorch's semantics, because every reference number this project is compared with
+was produced by PyTorch code: batch statistics in training (biased variance for normalising), running
+statistics updated with the *unbiased* batch variance, `momentum` in flax's convention
+(running = momentum * running + (1 - momentum) * batch, i.e. 1 - PyTorch's momentum). The momenta
+are per module, as in the survey code: its HRNet backbone uses PyTorch momentum 0.01
+(`BACKBONE_BN_MOMENTUM` = 0.99 here), its heads, initial modules and blocks PyTorch's default 0.1
+(`HEAD_BN_MOMENTUM` = 0.9 here).
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from iterfuse_jax.precision import accumulation_dtype
 Dtype = Any
 
-# PyTorch BatchNorm momentum 0.01 (the HRNet codebases) is flax momentum 0.99.
-BN_MOMENTUM = 0.99
+# flax convention: running = momentum * running + (1 - momentum) * batch statistic.
+BACKBONE_BN_MOMENTUM = 0.99  # PyTorch momentum 0.01 (HRNet's BN_MOMENTUM in the reference code)
+HEAD_BN_MOMENTUM = 0.9  # PyTorch's default momentum 0.1 (the survey's heads and blocks)
 BN_EPSILON = 1e-5
+BOTTLENECK_EXPANSION = 4
 
 
-def batch_norm(train: bool, dtype: Dtype, name: str | None = None) -> nn.BatchNorm:
-  """BatchNorm with the reference momentum/eps; `train` switches to batch statistics."""
-  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                      dtype=dtype, name=name)
+class BatchNorm(nn.Module):
+  """BatchNorm over all axes but the last, with PyTorch's running-variance update.
+
+  Variables: params "scale" (init 1) and "bias" (init 0), batch_stats "mean" (init 0) and "var"
+  (init 1), all float32, [C] (the names of flax's nn.BatchNorm, so checkpoints and the ImageNet
+  converter see the same tree).
+
+  Attributes:
+    use_running_average: normalise with the running statistics (evaluation) instead of the
+      batch's (training, which also updates the running statistics unless initialising).
+    momentum: flax convention (see the module docstring).
+    epsilon: added to the variance.
+    dtype: dtype of the output; statistics and normalisation are computed in at least float32.
+
+  Call: [..., C] -> [..., C]. Under `jax.jit` with the batch sharded over devices, the means are
+  global-batch means (XLA inserts the cross-device reductions).
+  """
+
+  use_running_average: bool = False
+  momentum: float = HEAD_BN_MOMENTUM
+  epsilon: float = BN_EPSILON
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+    running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+    running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+    xf = x.astype(accumulation_dtype(x.dtype))
+    if self.use_running_average:
+      mean, var = running_mean.value, running_var.value
+    else:
+      axes = tuple(range(x.ndim - 1))
+      mean = jnp.mean(xf, axis=axes)
+      # Two passes (not E[x^2] - E[x]^2): the same statistics as PyTorch's, to float rounding.
+      var = jnp.mean(jnp.square(xf - mean), axis=axes)
+      if not self.is_initializing():
+        count = math.prod(x.shape[:-1])
+        unbiased = var * (count / max(count - 1, 1))
+        m = self.momentum
+        running_mean.value = m * running_mean.value + (1.0 - m) * mean
+        running_var.value = m * running_var.value + (1.0 - m) * unbiased
+    y = (xf - mean) * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias
+    return y.astype(self.dtype)
+
+
+def batch_norm(train: bool, dtype: Dtype, name: str | None = None,
+               momentum: float = HEAD_BN_MOMENTUM) -> BatchNorm:
+  """A `BatchNorm` that uses batch statistics when `train`, running statistics otherwise."""
+  return BatchNorm(use_running_average=not train, momentum=momentum, epsilon=BN_EPSILON,
+                   dtype=dtype, name=name)
 
 
 class ConvBNReLU(nn.Module):
@@ -27,6 +89,7 @@ class ConvBNReLU(nn.Module):
   features: int
   kernel_size: int = 1
   strides: int = 1
+  bn_momentum: float = HEAD_BN_MOMENTUM
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -34,7 +97,7 @@ class ConvBNReLU(nn.Module):
     k = self.kernel_size
     x = nn.Conv(self.features, (k, k), strides=self.strides, padding=k // 2, use_bias=False,
                 dtype=self.dtype, name="conv")(x)
-    return nn.relu(batch_norm(train, self.dtype, name="bn")(x))
+    return nn.relu(batch_norm(train, self.dtype, name="bn", momentum=self.bn_momentum)(x))
 
 
 class BasicBlock(nn.Module):
@@ -44,21 +107,56 @@ class BasicBlock(nn.Module):
   """
 
   features: int
+  bn_momentum: float = HEAD_BN_MOMENTUM
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def bn(name):
+      return batch_norm(train, self.dtype, name=name, momentum=self.bn_momentum)
+
     residual = x
     y = nn.Conv(self.features, (3, 3), padding=1, use_bias=False, dtype=self.dtype,
                 name="conv1")(x)
-    y = nn.relu(batch_norm(train, self.dtype, name="bn1")(y))
+    y = nn.relu(bn("bn1")(y))
     y = nn.Conv(self.features, (3, 3), padding=1, use_bias=False, dtype=self.dtype,
                 name="conv2")(y)
-    y = batch_norm(train, self.dtype, name="bn2")(y)
+    y = bn("bn2")(y)
     if x.shape[-1] != self.features:
       residual = nn.Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype,
                          name="proj_conv")(x)
-      residual = batch_norm(train, self.dtype, name="proj_bn")(residual)
+      residual = bn("proj_bn")(residual)
+    return nn.relu(y + residual)
+
+
+class Bottleneck(nn.Module):
+  """ResNet bottleneck (1x1, 3x3 with the stride, 1x1 to 4x planes), projection when needed.
+
+  [B, H, W, Cin] -> [B, H/s, W/s, 4 * planes]. HRNet's stage 1 and the survey's PAD-Net modules.
+  """
+
+  planes: int
+  strides: int = 1
+  bn_momentum: float = HEAD_BN_MOMENTUM
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    out_features = self.planes * BOTTLENECK_EXPANSION
+
+    def conv(features, k, strides, name):
+      return nn.Conv(features, (k, k), strides=strides, padding=k // 2, use_bias=False,
+                     dtype=self.dtype, name=name)
+
+    def bn(name):
+      return batch_norm(train, self.dtype, name=name, momentum=self.bn_momentum)
+
+    y = nn.relu(bn("bn1")(conv(self.planes, 1, 1, "conv1")(x)))
+    y = nn.relu(bn("bn2")(conv(self.planes, 3, self.strides, "conv2")(y)))
+    y = bn("bn3")(conv(out_features, 1, 1, "conv3")(y))
+    residual = x
+    if self.strides != 1 or x.shape[-1] != out_features:
+      residual = bn("downsample_bn")(conv(out_features, 1, self.strides, "downsample_conv")(x))
     return nn.relu(y + residual)
 
 

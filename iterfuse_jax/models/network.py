@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from iterfuse_jax.models.heads import InitialTaskModule, TaskHead
 from iterfuse_jax.models.layers import Dtype, fuse_hrnet_branches, resize_bilinear
+from iterfuse_jax.precision import accumulation_dtype
 
 Outputs = dict[str, dict[str, jax.Array]]
 
@@ -39,7 +40,7 @@ class MultiTaskDenseNet(nn.Module):
       (deeply supervised) predictions; False feeds the shared features straight to the heads (MTL).
     task_channels: C of the task features made by the initial modules.
     initial_blocks: residual blocks per initial module.
-    dtype: computation dtype of the heads (parameters stay float32); outputs are float32.
+    dtype: computation dtype of the heads (parameters stay float32); outputs are float32 (float64 for float64).
 
   Call: images [B, H, W, 3] -> {"initial": {task: [B, H, W, C_task]} (when use_initial),
   "final": {task: [B, H, W, C_task]}}, logits at the input resolution.
@@ -63,7 +64,7 @@ class MultiTaskDenseNet(nn.Module):
     shared = fuse_hrnet_branches(self.backbone(images.astype(self.dtype), train=train))
 
     def to_output(logits):
-      return resize_bilinear(logits, size).astype(jnp.float32)
+      return resize_bilinear(logits, size).astype(accumulation_dtype(self.dtype))
 
     outputs: Outputs = {}
     if self.use_initial:
