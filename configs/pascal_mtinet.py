@@ -2,8 +2,9 @@
 
 Initial predictions on the 4 HRNet scales, feature propagation, per-scale PAD-Net distillation and
 heads aggregating the scales. The task features of each scale have that scale's HRNet channels
-(18/36/72/144), so model.task_channels is unused; the finest scale's intermediate predictions are
-supervised (deep supervision).
+(18/36/72/144), so model.task_channels is unused. As in the survey code, the intermediate
+predictions of all 4 scales are supervised (deep supervision), and the FPM's softmax groups the
+concatenated channels as the survey code's reshape does (see models/mtinet.py).
 """
 
 from configs import default
@@ -12,8 +13,6 @@ from configs import default
 def get_config():
   config = default.get_config("pascal")
   config.model.name = "mtinet"
-  # all_scale_outputs: the survey code also supervises the 3 coarser scales' predictions; that
-  # needs a loss accepting the extra output levels "initial_scale1".."initial_scale3".
-  config.model.mtinet = {"se_reduction": 16, "all_scale_outputs": False}
+  config.model.mtinet = {"se_reduction": 16, "all_scale_outputs": True}
   config.lock()
   return config

@@ -1,7 +1,7 @@
 """Per-task training losses and the weighted multi-task sum (deep supervision included).
 
 All losses are pure `jax.numpy` functions of logits at label resolution ([B, H, W, C], NHWC) and
-labels ([B, H, W]); they compute in float32 whatever the logits' dtype, are jit-friendly (no
+labels ([B, H, W]); they compute in at least float32 whatever the logits' dtype, are jit-friendly (no
 data-dependent shapes) and return 0, not NaN, when a batch has no valid pixel for a task.
 
 Conventions (the MTL survey code of Vandenhende et al., see ../shared/REFERENCE.md):
@@ -15,9 +15,10 @@ Conventions (the MTL survey code of Vandenhende et al., see ../shared/REFERENCE.
     ignored; without ignored pixels this is exactly the survey's `BalancedCrossEntropyLoss`.
     Like it, a batch without any positive pixel has w = 1 and so a loss of 0 (HED-style
     weighting: all weight goes to the positives).
-  * multi-task: total = sum over supervision levels ("initial" intermediate predictions and
-    "final" predictions) and tasks of weight[task] * loss; the intermediate predictions get the
-    same losses and weights as the final ones (the survey code's PAD-Net / MTI-Net convention).
+  * multi-task: total = sum over supervision levels (the "initial" intermediate predictions,
+    MTI-Net's coarser-scale ones "initial_scale1".."initial_scale3", and the "final" predictions)
+    and tasks of weight[task] * loss; the intermediate predictions get the same losses and
+    weights as the final ones (the survey code's PAD-Net / MTI-Net convention).
 """
 
 from __future__ import annotations
@@ -28,16 +29,35 @@ import jax
 import jax.numpy as jnp
 
 from iterfuse_jax import tasks as task_registry
+from iterfuse_jax.precision import accumulation_dtype
 from iterfuse_jax.tasks import IGNORE_LABEL
 
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
-# Supervision levels of the network's output dict, in the order their losses are summed.
-LEVELS = ("initial", "final")
+# Supervision levels of the network's output dict, in the order their losses are summed:
+# "final", and every deep-supervision level, whose name starts with "initial".
+FINAL_LEVEL = "final"
+DEEP_SUPERVISION_PREFIX = "initial"
+
+
+def supervision_levels(outputs: Mapping[str, object]) -> list[str]:
+  """The levels of `outputs` the loss supervises, deep-supervision levels (sorted) then "final".
+
+  Raises a ValueError for a level that is neither.
+  """
+  unknown = sorted(k for k in outputs
+                   if k != FINAL_LEVEL and not k.startswith(DEEP_SUPERVISION_PREFIX))
+  if unknown:
+    raise ValueError(f"multitask_loss: unknown output levels {unknown}; expected 'final' and "
+                     f"levels named '{DEEP_SUPERVISION_PREFIX}*'")
+  if FINAL_LEVEL not in outputs:
+    raise ValueError(f"multitask_loss: outputs have no 'final' predictions (keys: "
+                     f"{sorted(outputs)})")
+  return sorted(k for k in outputs if k != FINAL_LEVEL) + [FINAL_LEVEL]
 
 
 def _safe_mean(total: jax.Array, count: jax.Array) -> jax.Array:
   """total / count, and 0 (with zero gradient) when count is 0."""
-  return total / jnp.maximum(count, 1).astype(jnp.float32)
+  return total / jnp.maximum(count, 1).astype(total.dtype)
 
 
 def _check_spatial(logits: jax.Array, labels: jax.Array, name: str) -> jax.Array:
@@ -68,7 +88,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   labels = _check_spatial(logits, labels, "cross_entropy")
   labels = labels.astype(jnp.int32)
   valid = labels != IGNORE_LABEL
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  log_probs = jax.nn.log_softmax(logits.astype(accumulation_dtype(logits.dtype)), axis=-1)
   safe_labels = jnp.where(valid, labels, 0)
   nll = -jnp.take_along_axis(log_probs, safe_labels[..., None], axis=-1)[..., 0]
   return _safe_mean(jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid))
@@ -86,9 +106,10 @@ def l1(predictions: jax.Array, labels: jax.Array) -> jax.Array:
   """
   if predictions.ndim != 4 or predictions.shape[-1] != 1:
     raise ValueError(f"l1: predictions must be [B, H, W, 1], got shape {predictions.shape}")
-  labels = _check_spatial(predictions, labels, "l1").astype(jnp.float32)
+  acc = accumulation_dtype(predictions.dtype)
+  labels = _check_spatial(predictions, labels, "l1").astype(acc)
   valid = (labels > 0) & (labels != IGNORE_LABEL)
-  error = jnp.abs(predictions[..., 0].astype(jnp.float32) - labels)
+  error = jnp.abs(predictions[..., 0].astype(acc) - labels)
   return _safe_mean(jnp.sum(jnp.where(valid, error, 0.0)), jnp.sum(valid))
 
 
@@ -107,12 +128,13 @@ def balanced_bce(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """
   if logits.ndim != 4 or logits.shape[-1] != 1:
     raise ValueError(f"balanced_bce: logits must be [B, H, W, 1], got shape {logits.shape}")
-  labels = _check_spatial(logits, labels, "balanced_bce").astype(jnp.float32)
-  x = logits[..., 0].astype(jnp.float32)
+  acc = accumulation_dtype(logits.dtype)
+  labels = _check_spatial(logits, labels, "balanced_bce").astype(acc)
+  x = logits[..., 0].astype(acc)
   valid = labels != IGNORE_LABEL
   positive = valid & (labels >= 0.5)
   negative = valid & ~positive
-  num_valid = jnp.sum(valid).astype(jnp.float32)
+  num_valid = jnp.sum(valid).astype(acc)
   weight_pos = _safe_mean(jnp.sum(negative), num_valid)
   # -log sigmoid(x) = softplus(-x) and -log(1 - sigmoid(x)) = softplus(x), both overflow-free.
   loss_pos = jnp.sum(jnp.where(positive, jax.nn.softplus(-x), 0.0))
@@ -139,7 +161,7 @@ def _to_label_size(logits: jax.Array, label_hw: tuple[int, ...]) -> jax.Array:
   """Bilinearly resizes [B, h, w, C] logits to the labels' (H, W) when they differ."""
   if tuple(logits.shape[1:3]) == tuple(label_hw):
     return logits
-  return jax.image.resize(logits.astype(jnp.float32),
+  return jax.image.resize(logits.astype(accumulation_dtype(logits.dtype)),
                           (logits.shape[0], *label_hw, logits.shape[-1]),
                           method="bilinear", antialias=False)
 
@@ -153,9 +175,9 @@ def multitask_loss(
   """Weighted sum of every task's loss over the supervision levels present in `outputs`.
 
   Args:
-    outputs: {"final": {task: [B, H, W, C_task]}} and optionally {"initial": {...}} (the
-      intermediate predictions of the initial task modules). Predictions at another resolution
-      than the labels are bilinearly resized to the label size first.
+    outputs: {"final": {task: [B, H, W, C_task]}} and optionally deep-supervision levels
+      {"initial": {...}, "initial_scale1": {...}, ...} (intermediate predictions). Predictions at
+      another resolution than the labels are bilinearly resized to the label size first.
     batch: holds each task's labels under the task's name ([B, H, W]).
     tasks: the tasks to supervise.
     weights: task -> loss weight; None takes the registry's (semseg 1, depth 1, human_parts 2,
@@ -165,12 +187,7 @@ def multitask_loss(
     (total, parts): total = sum over levels and tasks of weights[task] * loss, float32 scalar;
     parts = {"<level>/<task>": unweighted loss, ..., "total": total}.
   """
-  unknown = sorted(set(outputs) - set(LEVELS))
-  if unknown:
-    raise ValueError(f"multitask_loss: unknown output levels {unknown}; expected {list(LEVELS)}")
-  if "final" not in outputs:
-    raise ValueError(f"multitask_loss: outputs have no 'final' predictions (keys: "
-                     f"{sorted(outputs)})")
+  levels = supervision_levels(outputs)
   tasks = tuple(tasks)
   if weights is None:
     weights = {t: task_registry.get_task(t).loss_weight for t in tasks}
@@ -185,9 +202,7 @@ def multitask_loss(
 
   parts = {}
   total = jnp.zeros((), jnp.float32)
-  for level in LEVELS:
-    if level not in outputs:
-      continue
+  for level in levels:
     for task in tasks:
       if task not in outputs[level]:
         raise ValueError(f"multitask_loss: outputs[{level!r}] has no prediction for task "

@@ -9,11 +9,15 @@ The config needs `dataset.name`, `dataset.tasks` and a `model` block:
   model.task_channels   C of the task features entering the distillation module
   model.initial_blocks  residual blocks per initial task module
   model.dtype           "float32" or "bfloat16" (activations; parameters stay float32)
-  model.tpim            use_ifb, variant, n_iter, alpha_init, scale, qk_channels (0 = C), ifb_impl
+  model.tpim            use_ifb, variant, n_iter, alpha_init, scale, qk_channels (0 = C // 2),
+                        ifb_impl
+  model.init            "pytorch" | "flax": initialisation outside the backbone (applied by
+                        train.create_train_state, see models/initialization.py)
   model.densemtl.scale  optional (default 2): down-scaling of DenseMTL's correlation attention
   model.mtinet          optional: se_reduction (default 16), the FPM's squeeze-excitation
-                        reduction; all_scale_outputs (default False), also output the coarser
-                        scales' intermediate predictions (levels "initial_scale1".."3")
+                        reduction; all_scale_outputs (default True, as the survey code), also
+                        output the coarser scales' intermediate predictions (levels
+                        "initial_scale1".."initial_scale3"), which the loss supervises too
 """
 
 from __future__ import annotations
@@ -30,10 +34,11 @@ from iterfuse_jax.models.densemtl import DenseMTLDistillation
 from iterfuse_jax.models.hrnet import HRNet
 from iterfuse_jax.models.mtinet import MTINet
 from iterfuse_jax.models.network import MultiTaskDenseNet
-from iterfuse_jax.models.padnet import PADNetDistillation
+from iterfuse_jax.models.padnet import PADNet
 from iterfuse_jax.models.stl import STLNet
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# float64 only under `jax.enable_x64`, for checking the arithmetic against a float64 reference.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
 
 def compute_dtype(name: str):
@@ -90,8 +95,9 @@ def _with_distillation(config, tasks, num_outputs, dtype, distillation) -> nn.Mo
 
 
 def _padnet(config: ml_collections.ConfigDict, tasks, num_outputs, dtype) -> nn.Module:
-  distillation = PADNetDistillation(tasks=tasks, channels=config.model.task_channels, dtype=dtype)
-  return _with_distillation(config, tasks, num_outputs, dtype, distillation)
+  # The survey's PAD-Net: its own fuse layer, Bottleneck modules and heads (see padnet.py).
+  return PADNet(tasks=tasks, num_outputs=num_outputs, backbone=make_backbone(config.model, dtype),
+                channels=config.model.task_channels, dtype=dtype)
 
 
 def _densemtl(config: ml_collections.ConfigDict, tasks, num_outputs, dtype) -> nn.Module:
@@ -107,7 +113,7 @@ def _mtinet(config: ml_collections.ConfigDict, tasks, num_outputs, dtype) -> nn.
   return MTINet(tasks=tasks, num_outputs=num_outputs, backbone=make_backbone(m, dtype),
                 initial_blocks=m.initial_blocks,
                 se_reduction=int(options.get("se_reduction", 16)),
-                all_scale_outputs=bool(options.get("all_scale_outputs", False)), dtype=dtype)
+                all_scale_outputs=bool(options.get("all_scale_outputs", True)), dtype=dtype)
 
 
 ModelBuilder = Callable[[ml_collections.ConfigDict, tuple, dict, object], nn.Module]

@@ -11,12 +11,15 @@ Then PAD-Net distillation runs at every scale, and each task's head upsamples it
 maps to stride 4, concatenates them and decodes (HRNet's head, `TaskHead`).
 
 FPM for task features f_1..f_N (C channels each), X = concat(f_1..f_N) (NC channels):
-  A = softmax over tasks of g(X), g = BasicBlock(NC -> NC/4), BasicBlock(NC/4), conv1x1 -> NC,
-      reshaped to [..., N, C]; the softmax runs across the N tasks per channel and position
+  G = g(X), g = BasicBlock(NC -> NC/4), BasicBlock(NC/4), conv1x1 -> NC
+  A = softmax of G over groups of N consecutive channels: channel k of X and G belongs to group
+      k // N, position k % N in it, as the survey code's `view(B, C, N, H, W)` + softmax(dim=2)
+      groups them. (The MTI-Net paper describes a softmax across the N tasks per channel; the
+      survey code's reshape, which produced the published numbers, is used here.)
   S = BasicBlock(NC -> C)(A * X)                                   (dimensionality reduction)
   out_t = SE_t(S) + f_t                                            (per-task squeeze-excitation)
-(The survey code reshapes the channel axis as (C, N) rather than (N, C) before its softmax, so it
-normalises over interleaved channels; the paper's reading, across tasks, is used here.)
+Every scale's intermediate predictions are deeply supervised by default (`all_scale_outputs`), as
+the survey code's MTI-Net loss does.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from iterfuse_jax.models.heads import InitialTaskModule, TaskHead
 from iterfuse_jax.models.layers import BasicBlock, Dtype, fuse_hrnet_branches, resize_bilinear
 from iterfuse_jax.models.network import Outputs, check_images
 from iterfuse_jax.models.padnet import PADNetDistillation
+from iterfuse_jax.precision import accumulation_dtype
 
 NUM_SCALES = 4
 
@@ -71,14 +75,14 @@ class FeaturePropagation(nn.Module):
     tasks = tuple(self.tasks)
     n = len(tasks)
     c = features[tasks[0]].shape[-1]
-    stacked = jnp.stack([features[t] for t in tasks], axis=-2)  # [B, h, w, N, C]
-    concat = stacked.reshape(*stacked.shape[:-2], n * c)
+    concat = jnp.concatenate([features[t] for t in tasks], axis=-1)  # [B, h, w, N * C]
     hidden = max(n * c // 4, 1)
     g = BasicBlock(hidden, dtype=self.dtype, name="nonlinear_block0")(concat, train)
     g = BasicBlock(hidden, dtype=self.dtype, name="nonlinear_block1")(g, train)
     g = nn.Conv(n * c, (1, 1), dtype=self.dtype, name="nonlinear_out")(g)
-    attention = jax.nn.softmax(g.reshape(stacked.shape).astype(jnp.float32), axis=-2)
-    shared = (attention.astype(stacked.dtype) * stacked).reshape(concat.shape)
+    grouped = (*concat.shape[:-1], c, n)  # channel k -> (k // N, k % N), see the module docstring
+    attention = jax.nn.softmax(g.reshape(grouped).astype(jnp.float32), axis=-1)
+    shared = (attention.astype(concat.dtype) * concat.reshape(grouped)).reshape(concat.shape)
     shared = BasicBlock(c, dtype=self.dtype, name="reduce")(shared, train)
     return {t: SqueezeExcitation(self.se_reduction, dtype=self.dtype, name=f"se_{t}")(shared)
                + features[t] for t in tasks}
@@ -96,12 +100,12 @@ class MTINet(nn.Module):
     se_reduction: channel reduction of the FPM's squeeze-excitation.
     all_scale_outputs: also return the intermediate predictions of the three coarser scales, as
       levels "initial_scale1".."initial_scale3" (strides 8, 16, 32; upsampled to the input size),
-      for a loss that supervises every scale as the survey code does. Off by default: the
-      project's `losses.multitask_loss` accepts only the "initial" and "final" levels.
-    dtype: computation dtype (parameters stay float32); outputs are float32.
+      which `losses.multitask_loss` supervises like "initial", as the survey code does.
+    dtype: computation dtype (parameters stay float32); outputs are float32 (float64 for float64).
 
   Call: images [B, H, W, 3] -> {"initial": {task: [B, H, W, C_task]} (the finest scale's
-  intermediate predictions, which `multitask_loss` supervises), "final": {task: [B, H, W, C_task]}}.
+  intermediate predictions), "initial_scale1".."initial_scale3" (with `all_scale_outputs`),
+  "final": {task: [B, H, W, C_task]}}.
   """
 
   tasks: Sequence[str]
@@ -109,7 +113,7 @@ class MTINet(nn.Module):
   backbone: nn.Module
   initial_blocks: int = 2
   se_reduction: int = 16
-  all_scale_outputs: bool = False
+  all_scale_outputs: bool = True
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -123,7 +127,7 @@ class MTINet(nn.Module):
                        f"{len(branches)}")
 
     def to_output(logits):
-      return resize_bilinear(logits, size).astype(jnp.float32)
+      return resize_bilinear(logits, size).astype(accumulation_dtype(self.dtype))
 
     task_features: list[dict[str, jax.Array]] = [{} for _ in branches]
     predictions: list[dict[str, jax.Array]] = [{} for _ in branches]

@@ -8,17 +8,12 @@ ones). This gives the paper's STL row, the reference of Delta_m, from one config
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import flax.linen as nn
 import jax
 
 from iterfuse_jax.models.network import Outputs, check_images
-
-
-def backbone_paths(tasks: Sequence[str]) -> list[tuple[str, ...]]:
-  """Where each task's backbone sits in an STLNet's variables (for loading ImageNet weights)."""
-  return [(f"networks_{t}", "backbone") for t in tasks]
 
 
 class STLNet(nn.Module):

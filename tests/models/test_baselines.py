@@ -18,9 +18,11 @@ from iterfuse_jax import losses
 from iterfuse_jax.models import build
 from iterfuse_jax.models.cross_task import SpatialSelfAttention, TaskPairInteractionModule
 from iterfuse_jax.models.densemtl import CorrelationGuidedAttention, DenseMTLDistillation
-from iterfuse_jax.models.mtinet import FeaturePropagation, MTINet
-from iterfuse_jax.models.padnet import PADNetDistillation
-from iterfuse_jax.models.stl import STLNet, backbone_paths
+from iterfuse_jax.models.layers import BasicBlock
+from iterfuse_jax.models.mtinet import FeaturePropagation, MTINet, SqueezeExcitation
+from iterfuse_jax.models.padnet import PADNet, PADNetDistillation
+from iterfuse_jax.convert_imagenet import backbone_paths
+from iterfuse_jax.models.stl import STLNet
 
 ROWS = ("stl", "mtl", "padnet", "mtinet", "densemtl", "noifb", "ifbA", "ifbB", "ifbC")
 SIZE = (32, 32)
@@ -128,12 +130,15 @@ def test_every_config_builds_and_traces_a_train_and_eval_step(dataset, row):
       train_and_eval_fn(model, tasks, dict(config.loss_weights)), batch)
   assert loss.shape == () and loss.dtype == jnp.float32
   levels = {"final"} if row in ("stl", "mtl") else {"initial", "final"}
+  if row == "mtinet":  # every scale is deeply supervised, as in the survey code
+    levels |= {"initial_scale1", "initial_scale2", "initial_scale3"}
   check_outputs(train_out, dataset, tasks, levels)
   check_outputs(eval_out, dataset, tasks, levels)
   assert jax.tree.structure(grads) == jax.tree.structure(variables["params"])
   assert jax.tree.structure(updates["batch_stats"]) == jax.tree.structure(
       variables["batch_stats"])
-  expected_model = {"stl": "STLNet", "mtinet": "MTINet"}.get(row, "MultiTaskDenseNet")
+  expected_model = {"stl": "STLNet", "mtinet": "MTINet", "padnet": "PADNet"}.get(
+      row, "MultiTaskDenseNet")
   assert type(model).__name__ == expected_model
 
 
@@ -149,7 +154,7 @@ def test_train_step_runs(row):
   """One real train step (NYUD rows): finite loss, every parameter learns, BN statistics move."""
   config = row_config("nyud", row)
   if row == "mtinet":
-    config.model.mtinet.se_reduction = 2  # >= 2 hidden units in the tiny SE blocks
+    config.model.mtinet.se_reduction = 1  # every channel a hidden unit: no all-dead tiny SE block
   tasks = tuple(config.dataset.tasks)
   model = build_tiny(config)
   batch = fake_batch("nyud", tasks)
@@ -166,10 +171,6 @@ def test_train_step_runs(row):
   if row == "densemtl":
     # DenseMTL's correlation branch sits behind gamma = 0: only gamma learns at first.
     assert dead and all("/correlation/" in n and not n.endswith("gamma") for n in dead), dead
-  elif row == "mtinet":
-    # Only the finest scale's intermediate predictions are supervised by multitask_loss.
-    assert dead == sorted(f"scale{s}_initial_{t}/predict/{p}" for s in (1, 2, 3) for t in tasks
-                          for p in ("bias", "kernel")), dead
   else:
     assert not dead, f"parameters without gradient: {dead}"
   moved = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(updates["batch_stats"]),
@@ -194,7 +195,8 @@ def test_real_hrnet_shapes(row):
   params = variables["params"]
   if row == "stl":
     assert sorted(params) == sorted(f"networks_{t}" for t in PASCAL_TASKS)
-    for path in backbone_paths(PASCAL_TASKS):
+    assert backbone_paths(params) == [(f"networks_{t}", "backbone") for t in sorted(PASCAL_TASKS)]
+    for path in backbone_paths(params):
       assert "stage4" in params[path[0]][path[1]]
   if row == "mtinet":
     # Task features keep each HRNet scale's channels: 18/36/72/144, so heads see 270.
@@ -381,3 +383,60 @@ def test_stl_networks_are_independent():
   grads = jax.jit(jax.grad(semseg_loss))(variables["params"])
   assert all(not np.any(g) for g in jax.tree_util.tree_leaves(grads["networks_depth"]))
   assert any(np.any(g) for g in jax.tree_util.tree_leaves(grads["networks_semseg"]))
+
+
+def test_padnet_is_built_as_the_survey_builds_it():
+  """HRNet fuse layer, 2-Bottleneck initial modules to 256 channels, 2-Bottleneck + conv heads."""
+  tasks = ("semseg", "depth")
+  model = PADNet(tasks, {"semseg": 40, "depth": 1}, TinyBackbone(), channels=256)
+  images = jnp.zeros((1, *SIZE, 3))
+  params = jax.eval_shape(lambda x: model.init(key(0), x), images)["params"]
+  shared = sum(BRANCH_CHANNELS)
+  assert sorted(params) == ["backbone", "distillation", "fuse", "head_depth", "head_semseg",
+                            "initial_depth", "initial_semseg"]
+  # Fuse: 1x1 conv with bias keeping the concatenated channels, then BN.
+  assert params["fuse"]["conv"]["kernel"].shape == (1, 1, shared, shared)
+  assert params["fuse"]["conv"]["bias"].shape == (shared,) and "bn" in params["fuse"]
+  for t, outputs in (("semseg", 40), ("depth", 1)):
+    for module in (f"initial_{t}", f"head_{t}"):
+      blocks = params[module]
+      assert sorted(blocks) == ["block0", "block1", "predict"]
+      first = blocks["block0"]
+      assert first["conv1"]["kernel"].shape[2:] == (
+          (shared if module.startswith("initial") else 256), 64)
+      assert first["conv3"]["kernel"].shape == (1, 1, 64, 256)
+      # A projection only where the channels change (270 -> 256 into the initial module).
+      assert ("downsample_conv" in first) == module.startswith("initial")
+      assert "downsample_conv" not in blocks["block1"]
+      assert blocks["predict"]["kernel"].shape == (1, 1, 256, outputs)
+      assert blocks["predict"]["bias"].shape == (outputs,)
+  assert sorted(params["distillation"]) == ["sa_depth_to_semseg", "sa_semseg_to_depth"]
+  out = jax.eval_shape(lambda x: model.apply(model.init(key(0), x), x), images)
+  assert set(out) == {"initial", "final"}
+  assert out["final"]["semseg"].shape == (1, *SIZE, 40)
+
+
+def test_fpm_groups_channels_as_the_survey_code_reshapes_them():
+  """softmax over N consecutive channels of the concatenation (torch `view(B, C, N, H, W)`)."""
+  tasks = ("semseg", "depth", "sal")
+  n, c = len(tasks), 4
+  features = _features(tasks, channels=c, size=(3, 3), seed=3)
+  fpm = FeaturePropagation(tasks, se_reduction=2)
+  variables = jax.jit(lambda f: fpm.init(key(0), f, train=False))(features)
+  _, state = fpm.apply(variables, features, train=False, capture_intermediates=True,
+                       mutable=["intermediates"])
+  g = np.asarray(state["intermediates"]["nonlinear_out"]["__call__"][0])  # [B, h, w, N*C]
+  concat = np.concatenate([np.asarray(features[t]) for t in tasks], axis=-1)
+  # The survey: view the channels as [C, N] (channel k -> row k // N, column k % N), softmax on N.
+  grouped = g.reshape(*g.shape[:-1], c, n)
+  mask = np.exp(grouped - grouped.max(-1, keepdims=True))
+  mask /= mask.sum(-1, keepdims=True)
+  expected_shared_input = (mask * concat.reshape(*concat.shape[:-1], c, n)).reshape(concat.shape)
+  # The rest of the FPM (reduction block, per-task SE) on that attention-weighted input.
+  params, stats = variables["params"], variables["batch_stats"]
+  shared = BasicBlock(c).apply({"params": params["reduce"], "batch_stats": stats["reduce"]},
+                               jnp.asarray(expected_shared_input), train=False)
+  out = fpm.apply(variables, features, train=False)
+  for t in tasks:
+    expected = SqueezeExcitation(2).apply({"params": params[f"se_{t}"]}, shared) + features[t]
+    np.testing.assert_allclose(out[t], expected, rtol=1e-5, atol=1e-5)
