@@ -20,6 +20,10 @@ Conventions (the MTL survey code of Vandenhende et al., see ../shared/REFERENCE.
     thresholds of the mean IoU, max_f = max over thresholds of 2 P R / (P + R) of the mean
     precision and recall (beta = 1). Labels are {0, 1} (>= 0.5 positive), 255 ignored.
 
+Predictions come as logits (the metrics decode: argmax, sigmoid) or, with `decoded=True`, already
+decoded at the label size (class ids [B, H, W], probabilities [B, H, W, 1]), which is how the
+survey code's order of evaluation resizes them (`iterfuse_jax.eval_resizing`).
+
 Units of `compute()`: mIoU, pixel accuracy, max_iou and max_f in percent (as in the paper's
 tables, e.g. 35.0091), depth errors in metres (rmse 0.6610).
 """
@@ -55,13 +59,21 @@ def _example_mask(example_mask: jax.Array | None, batch_size: int) -> jax.Array:
 
 
 def _task_inputs(task: str, predictions: Mapping[str, jax.Array],
-                 labels: Mapping[str, jax.Array], channels: int) -> tuple[jax.Array, jax.Array]:
-  """Checks and returns (predictions [B, H, W, C], labels [B, H, W]) of one task."""
+                 labels: Mapping[str, jax.Array],
+                 channels: int | None) -> tuple[jax.Array, jax.Array]:
+  """Checks and returns (predictions, labels [B, H, W]) of one task.
+
+  Predictions are [B, H, W, channels], or [B, H, W] (class ids) when `channels` is None.
+  """
   if task not in predictions or task not in labels:
     raise ValueError(f"metrics of task {task!r} need predictions[{task!r}] and labels[{task!r}]; "
                      f"got predictions for {sorted(predictions)}, labels for {sorted(labels)}")
   pred, label = predictions[task], labels[task]
-  if pred.ndim != 4 or pred.shape[-1] != channels:
+  if channels is None:
+    if pred.ndim != 3 or not jnp.issubdtype(pred.dtype, jnp.integer):
+      raise ValueError(f"{task}: decoded predictions must be integer class ids [B, H, W], got "
+                       f"{pred.dtype} {pred.shape}")
+  elif pred.ndim != 4 or pred.shape[-1] != channels:
     raise ValueError(f"{task}: predictions must be [B, H, W, {channels}], got {pred.shape}")
   if label.ndim == 4 and label.shape[-1] == 1:
     label = label[..., 0]
@@ -101,14 +113,18 @@ class ConfusionMatrix(clu_metrics.Metric):
   @classmethod
   def from_model_output(cls, predictions: Mapping[str, jax.Array],
                         labels: Mapping[str, jax.Array], example_mask: jax.Array | None = None,
-                        **_) -> ConfusionMatrix:
-    """predictions[task]: [B, H, W, C] logits; labels[task]: [B, H, W] ids, 255 ignored."""
-    logits, label = _task_inputs(cls.task, predictions, labels, cls.num_classes)
+                        decoded: bool = False, **_) -> ConfusionMatrix:
+    """predictions[task]: [B, H, W, C] logits, or [B, H, W] class ids when `decoded`;
+    labels[task]: [B, H, W] ids, 255 ignored."""
+    pred, label = _task_inputs(cls.task, predictions, labels,
+                               None if decoded else cls.num_classes)
     n = cls.num_classes
     label = label.astype(jnp.int32)
     keep = _example_mask(example_mask, label.shape[0])[:, None, None] & (label != IGNORE_LABEL)
     in_range = (label >= 0) & (label < n)
-    pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if not decoded:
+      pred = jnp.argmax(pred, axis=-1)
+    pred = pred.astype(jnp.int32)
     index = jnp.where(keep & in_range, label * n + pred, n * n)  # n * n: dropped by bincount
     matrix = jnp.bincount(index.reshape(-1), length=n * n).reshape(n, n).astype(jnp.int32)
     return cls(matrix=matrix, invalid_labels=jnp.sum(keep & ~in_range).astype(jnp.int32))
@@ -221,14 +237,16 @@ class SaliencyScores(clu_metrics.Metric):
   @classmethod
   def from_model_output(cls, predictions: Mapping[str, jax.Array],
                         labels: Mapping[str, jax.Array], example_mask: jax.Array | None = None,
-                        **_) -> SaliencyScores:
-    """predictions[task]: [B, H, W, 1] logits; labels[task]: [B, H, W] in {0, 1}, 255 ignored."""
-    logits, label = _task_inputs(cls.task, predictions, labels, 1)
+                        decoded: bool = False, **_) -> SaliencyScores:
+    """predictions[task]: [B, H, W, 1] logits, or probabilities when `decoded`;
+    labels[task]: [B, H, W] in {0, 1}, 255 ignored."""
+    pred, label = _task_inputs(cls.task, predictions, labels, 1)
     label = label.astype(jnp.float32)
     keep = _example_mask(example_mask, label.shape[0])
     valid = (label != IGNORE_LABEL)[..., None]  # [B, H, W, 1]
     gt = valid & (label >= 0.5)[..., None]
-    prob = jax.nn.sigmoid(logits.astype(jnp.float32))  # [B, H, W, 1]
+    pred = pred.astype(jnp.float32)
+    prob = pred if decoded else jax.nn.sigmoid(pred)  # [B, H, W, 1]
     pred = valid & (prob > jnp.asarray(cls.thresholds, jnp.float32))  # [B, H, W, K]
 
     def count(x):
