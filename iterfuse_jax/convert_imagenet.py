@@ -14,7 +14,8 @@ Reads a PyTorch pickle (.pth/.pt/.bin; needs torch) or a .safetensors file, unwr
 `--check IMAGE` also runs the full ImageNet classifier (when the file has it) on the image and
 prints the top-5 class indices, a quick sanity check of a real checkpoint.
 
-The trainer uses `load_backbone_variables` and `insert_backbone`.
+The trainer uses `load_backbone_variables` and `insert_backbones` (every backbone of a
+network: one for the multi-task models, one per task for STL).
 """
 
 from __future__ import annotations
@@ -228,6 +229,43 @@ def insert_backbone(variables: dict, backbone_vars: dict,
   if problems:
     raise ValueError("backbone weights do not fit the model:\n  " + "\n  ".join(problems))
   return out
+
+
+def backbone_paths(params: Mapping[str, Any], name: str = "backbone") -> list[tuple[str, ...]]:
+  """Paths of every sub-tree called `name` in a params tree, in sorted order.
+
+  The multi-task networks have one ("backbone",); the STL network one per task
+  (("networks_semseg", "backbone"), ...). A backbone inside a backbone is not searched.
+  """
+  found = []
+
+  def visit(node, path):
+    for key in sorted(node):
+      value = node[key]
+      if not isinstance(value, Mapping):
+        continue
+      if key == name:
+        found.append(path + (key,))
+      else:
+        visit(value, path + (key,))
+
+  visit(params, ())
+  return found
+
+
+def insert_backbones(variables: dict, backbone_vars: dict) -> tuple[dict, list[tuple[str, ...]]]:
+  """`insert_backbone` into every backbone of the network; returns (variables, their paths).
+
+  Raises:
+    ValueError: the network has no sub-tree called "backbone", or a backbone does not fit.
+  """
+  paths = backbone_paths(variables.get("params", {}))
+  if not paths:
+    raise ValueError("the model's params have no sub-tree called 'backbone' to load ImageNet "
+                     f"weights into (top-level modules: {sorted(variables.get('params', {}))})")
+  for path in paths:
+    variables = insert_backbone(variables, backbone_vars, path)
+  return variables, paths
 
 
 def preprocess_image(image_path: str, size: int = 224) -> np.ndarray:

@@ -2,6 +2,7 @@
 CLI with the ImageNet top-5 check; insertion into the multi-task network; clear errors."""
 
 import json
+import pathlib
 import sys
 
 import jax
@@ -261,3 +262,73 @@ def test_training_starts_from_the_converted_backbone(tmp_path, reference):
   with pytest.raises(ValueError, match=r"'w18_small_v2'.*'w18'"):
     train.create_train_state(config, build_model(config), tx, jax.random.key(0),
                              (1, 64, 64, 3), train.create_mesh(1))
+
+
+EXPERIMENT_CONFIGS = sorted(
+    p.stem for p in (pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*_*.py")
+    if p.stem not in ("demo_rows", "__init__"))
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, reference):
+  folder = tmp_path_factory.mktemp("converted")
+  src = _write(folder, "plain.pth", reference["state"])
+  convert_imagenet.convert_file(str(src), str(folder / "hrnet18"), VARIANT)
+  return str(folder / "hrnet18"), hrnet_weights.torch_state_dict_to_flax(reference["state"],
+                                                                          VARIANT)
+
+
+def _assert_backbone_equals(tree, path, expected, collection):
+  got = traverse_util.flatten_dict(jax.device_get(convert_imagenet._subtree(tree, path, "")))
+  want = traverse_util.flatten_dict(expected[collection])
+  assert got.keys() == want.keys(), path
+  for key, value in want.items():
+    np.testing.assert_array_equal(np.asarray(got[key]), value, err_msg=f"{path}/{key}")
+
+
+@pytest.mark.parametrize("name", EXPERIMENT_CONFIGS)
+def test_every_experiment_config_takes_the_converted_backbone_everywhere(name, converted):
+  """Every backbone of every experiment's network (one per task for STL) gets the weights."""
+  import importlib  # pylint: disable=g-import-not-at-top
+
+  folder, expected = converted
+  config = importlib.import_module(f"configs.{name}").get_config()
+  abstract = jax.eval_shape(lambda x: build_model(config).init(jax.random.key(0), x),
+                            jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+  backbone = convert_imagenet.load_backbone_variables(folder, config.model.backbone)
+  merged, paths = convert_imagenet.insert_backbones(dict(abstract), backbone)
+  tasks = tuple(config.dataset.tasks)
+  if config.model.name == "stl":
+    assert paths == [(f"networks_{t}", "backbone") for t in sorted(tasks)]
+  else:
+    assert paths == [("backbone",)]
+  for path in paths:
+    for collection in ("params", "batch_stats"):
+      _assert_backbone_equals(merged[collection], path, expected, collection)
+
+
+def test_stl_training_starts_from_the_converted_backbone_in_every_network(converted):
+  """The real train state of the STL row: each task's backbone is the converted one, the heads
+  keep their initialisation, Adam's moments start at zero."""
+  from configs import nyud_stl  # pylint: disable=g-import-not-at-top
+  from iterfuse_jax import train  # pylint: disable=g-import-not-at-top
+
+  folder, expected = converted
+  config = ml_collections.ConfigDict(nyud_stl.get_config().to_dict())
+  config.model.pretrained = folder
+  tx = train.create_optimizer(config, lambda step: 1e-3)
+  state = train.create_train_state(config, build_model(config), tx, jax.random.key(0),
+                                   (1, 64, 64, 3), train.create_mesh(1))
+  for task in config.dataset.tasks:
+    _assert_backbone_equals(state.params, (f"networks_{task}", "backbone"), expected, "params")
+    _assert_backbone_equals(state.batch_stats, (f"networks_{task}", "backbone"), expected,
+                            "batch_stats")
+  mu = [s.mu for s in jax.tree.leaves(state.opt_state, is_leaf=lambda s: hasattr(s, "mu"))
+        if hasattr(s, "mu")]
+  assert mu and all(not np.any(np.asarray(x)) for x in jax.tree.leaves(mu))
+
+
+def test_a_network_without_backbone_is_a_named_error():
+  with pytest.raises(ValueError, match="no sub-tree called 'backbone'.*head"):
+    convert_imagenet.insert_backbones({"params": {"head": {"kernel": np.zeros(2)}},
+                                       "batch_stats": {}}, {"params": {}, "batch_stats": {}})
