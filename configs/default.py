@@ -25,6 +25,9 @@ def get_model_config() -> ml_collections.ConfigDict:
       "task_channels": 270,
       "initial_blocks": 2,
       "dtype": "float32",
+      # Conv / dense layers outside the backbone: "pytorch" (the survey code's PyTorch defaults,
+      # U(+-1/sqrt(fan_in))) or "flax" (lecun-normal kernels, zero biases).
+      "init": "pytorch",
       # A folder written by `python -m iterfuse_jax.convert_imagenet` ("" = random init).
       "pretrained": "",
       "tpim": {
@@ -33,7 +36,7 @@ def get_model_config() -> ml_collections.ConfigDict:
           "n_iter": 18,
           "alpha_init": 0.3,
           "scale": 2,
-          "qk_channels": 0,  # 0: d = task_channels (no reduction)
+          "qk_channels": 0,  # 0: d = task_channels // 2 (see configs/README.md)
           "ifb_impl": "materialized",
       },
   })
@@ -63,6 +66,10 @@ def get_config(dataset: str = "nyud") -> ml_collections.ConfigDict:
   config.eval_every_steps = -1  # -1: once per epoch
   config.checkpoint_every_steps = -1  # -1: once per epoch
   config.keep_checkpoints = 3
+  # How predictions reach the original image size before scoring: "survey" (segmentation argmax
+  # resized nearest, saliency probability resized linearly, as the survey code) or "logits"
+  # (logits resized bilinearly, then decoded). See iterfuse_jax/eval_resizing.py.
+  config.eval_resize = "survey"
   config.num_eval_images = 4  # prediction images written to TensorBoard at each eval
   config.num_devices = -1  # -1: all local devices
   config.profile_steps = 0  # > 0: trace that many steps with the JAX profiler after the first

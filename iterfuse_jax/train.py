@@ -26,9 +26,9 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data_pipelines import pipeline as data_pipeline
-from iterfuse_jax import inference, losses, metrics, visualization
+from iterfuse_jax import eval_resizing, inference, losses, metrics, visualization
 from iterfuse_jax.checkpoints import RunCheckpoints
-from iterfuse_jax.models import build_model
+from iterfuse_jax.models import build_model, initialization
 
 PyTree = Any
 Batch = Mapping[str, np.ndarray]
@@ -121,37 +121,21 @@ def train_step(state: TrainState, batch: Batch, *, tasks: tuple[str, ...],
   return new_state, out
 
 
-def resize_to_label_size(logits: jax.Array, original_size: jax.Array,
-                         label_shape: tuple[int, int]) -> jax.Array:
-  """Bilinearly resizes each prediction to its image's original size inside a padded canvas.
-
-  logits: [B, h, w, C] at the network's input size; original_size: [B, 2] (height, width);
-  label_shape: (H, W) of the padded labels. Returns [B, H, W, C] whose top-left
-  original_size[b] region is the resized prediction (the rest is scored as padding: ignored).
-  """
-  h, w = logits.shape[1:3]
-
-  def one(x, hw):
-    scale = hw.astype(jnp.float32) / jnp.array([h, w], jnp.float32)
-    return jax.image.scale_and_translate(
-        x, (*label_shape, x.shape[-1]), spatial_dims=(0, 1), scale=scale,
-        translation=jnp.zeros(2, jnp.float32), method="linear", antialias=False)
-
-  return jax.vmap(one)(logits, original_size)
-
-
 def eval_step(state: TrainState, batch: Batch, *, tasks: tuple[str, ...],
-              metrics_cls: type) -> Any:
-  """Predictions of one eval batch scored at the original image size; returns metric states."""
+              metrics_cls: type, resize_order: str = "survey") -> Any:
+  """Predictions of one eval batch scored at the original image size; returns metric states.
+
+  `resize_order` is how predictions reach the original size (`eval_resizing`): "survey" (decode,
+  then resize as the survey code does) or "logits" (resize the logits, then decode).
+  """
   outputs = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
                            batch["image"], train=False)
-  predictions, labels = {}, {}
-  for task in tasks:
-    predictions[task] = resize_to_label_size(outputs["final"][task], batch["original_size"],
-                                             batch[task].shape[1:3])
-    labels[task] = batch[task]
+  canvas = batch[tasks[0]].shape[1:3]
+  predictions, decoded = eval_resizing.eval_predictions(
+      outputs["final"], batch["original_size"], canvas, tasks, resize_order)
   return metrics_cls.single_from_model_output(
-      predictions=predictions, labels=labels, example_mask=batch["example_mask"])
+      predictions=predictions, labels={task: batch[task] for task in tasks},
+      example_mask=batch["example_mask"], decoded=decoded)
 
 
 def predict_step(state: TrainState, images: jax.Array) -> dict[str, jax.Array]:
@@ -181,7 +165,10 @@ def create_train_state(config: ml_collections.ConfigDict, model, tx, rng: jax.Ar
 
   def init(rng):
     variables = model.init(rng, jnp.zeros(input_shape, jnp.float32), train=False)
-    return TrainState.create(apply_fn=model.apply, params=variables["params"],
+    # Outside the backbone, PyTorch's default initialisation where the config asks for it.
+    params = initialization.initialize_params(variables["params"], jax.random.fold_in(rng, 1),
+                                              config.model.get("init", "flax"))
+    return TrainState.create(apply_fn=model.apply, params=params,
                              batch_stats=variables.get("batch_stats", {}), tx=tx,
                              nonfinite_step=jnp.array(-1, jnp.int32))
 
@@ -196,14 +183,17 @@ def create_train_state(config: ml_collections.ConfigDict, model, tx, rng: jax.Ar
 
 def load_pretrained_backbone(state: TrainState, path: str, variant: str,
                              sharding: NamedSharding) -> TrainState:
-  """Replaces the "backbone" sub-tree by a converted ImageNet checkpoint (and resets Adam)."""
+  """Replaces every backbone sub-tree (one per task for STL) by a converted ImageNet checkpoint.
+
+  The optimiser state is initialised again for the new parameters.
+  """
   from iterfuse_jax import convert_imagenet  # pylint: disable=g-import-not-at-top
 
   backbone = convert_imagenet.load_backbone_variables(path, variant)
-  variables = convert_imagenet.insert_backbone(
+  variables, paths = convert_imagenet.insert_backbones(
       {"params": state.params, "batch_stats": state.batch_stats}, backbone)
   variables = jax.device_put(variables, sharding)
-  logging.info("Initialised the backbone from %s", path)
+  logging.info("Initialised %s from %s", ", ".join("/".join(p) for p in paths), path)
   return state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
                        opt_state=state.tx.init(variables["params"]))
 
@@ -385,7 +375,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       in_shardings=(state_sharding, data_sharding), out_shardings=(state_sharding, replicated),
       donate_argnums=(0,))
   metrics_cls = metrics.make_eval_metrics(tasks, dataset)
-  jitted_eval = jax.jit(functools.partial(eval_step, tasks=tasks, metrics_cls=metrics_cls))
+  jitted_eval = jax.jit(functools.partial(eval_step, tasks=tasks, metrics_cls=metrics_cls,
+                                          resize_order=config.eval_resize))
   jitted_predict = jax.jit(predict_step)
 
   hooks = []
@@ -477,7 +468,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   checkpoints = RunCheckpoints(workdir, config.keep_checkpoints)
   state, step = checkpoints.restore_state(state, which)
   metrics_cls = metrics.make_eval_metrics(tasks, config.dataset.name)
-  jitted_eval = jax.jit(functools.partial(eval_step, tasks=tasks, metrics_cls=metrics_cls))
+  jitted_eval = jax.jit(functools.partial(eval_step, tasks=tasks, metrics_cls=metrics_cls,
+                                          resize_order=config.eval_resize))
   eval_batches = create_eval_batches(config)
   results = add_delta_m(evaluate(state, jitted_eval, eval_batches, data_sharding,
                                  len(eval_batches)), config, tasks)
