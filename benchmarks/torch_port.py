@@ -2,8 +2,11 @@
 
 One port serves both the train-step benchmark (`benchmarks/train_step.py`, eager PyTorch against
 iterfuse_jax) and the whole-network parity test (`tests/test_torch_parity.py`), so that what is
-timed is what is proven equal. BatchNorm momentum 0.01 / eps 1e-5 like the reference code (flax
-momentum 0.99). Importing this module imports torch and timm: JAX-only code never imports it.
+timed is what is proven equal. As in the survey code, BatchNorm momentum is 0.01 in the HRNet
+backbone and PyTorch's default 0.1 everywhere else, eps 1e-5; the layers outside the backbone keep
+PyTorch's default initialisation. The backbone is timm's `hrnet_w18_small_v2` (the published
+ImageNet weights' layout) with the segmentation codebases' exact-size bilinear fuse. Importing this
+module imports torch and timm: JAX-only code never imports it.
 """
 
 from __future__ import annotations
@@ -17,11 +20,21 @@ import torch.nn.functional as F
 from timm.models import hrnet as timm_hrnet
 from torch import nn
 
+from iterfuse_jax import tasks as task_registry
 from iterfuse_jax.tasks import IGNORE_LABEL
 
 
-def bn(channels):
-  return nn.BatchNorm2d(channels, momentum=0.01, eps=1e-5)
+BACKBONE_BN_MOMENTUM = 0.01  # the survey's HRNet (BN_MOMENTUM); timm's default is 0.1
+HEAD_BN_MOMENTUM = 0.1  # PyTorch's default: the survey's heads, initial modules and blocks
+
+
+def bn(channels, momentum=HEAD_BN_MOMENTUM):
+  return nn.BatchNorm2d(channels, momentum=momentum, eps=1e-5)
+
+
+def widen(x):
+  """x in at least float32 (float64 stays float64), like iterfuse_jax.precision."""
+  return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def resize(x, size):
@@ -107,14 +120,15 @@ def ifb_update(attended, v, alpha, variant):
 class CrossTaskInteractionBlock(nn.Module):
   """cross_task.CrossTaskInteractionBlock: self(f_s) + up(IFB(V, softmax(Q K^T / sqrt(d))))."""
 
-  def __init__(self, channels, scale, variant, n_iter, alpha_init, impl):
+  def __init__(self, channels, scale, variant, n_iter, alpha_init, impl, qk_channels=None):
     super().__init__()
     if impl not in ("materialized", "sdpa"):
       raise ValueError(f"unknown PyTorch IFB implementation {impl!r}")
     self.scale, self.variant, self.n_iter, self.impl = scale, variant, n_iter, impl
+    d = qk_channels or max(channels // 2, 1)
     self.self_attention = SpatialSelfAttention(channels)
-    self.query = ConvBNReLU(channels, channels)
-    self.key = ConvBNReLU(channels, channels)
+    self.query = ConvBNReLU(channels, d)
+    self.key = ConvBNReLU(channels, d)
     self.value = ConvBNReLU(channels, channels)
     self.alpha = (nn.Parameter(torch.tensor(float(alpha_init))) if variant != "A" else None)
 
@@ -135,15 +149,16 @@ class CrossTaskInteractionBlock(nn.Module):
       scale = 1.0 / math.sqrt(q.shape[-1])
       alpha = self.alpha
       if self.impl == "materialized":
-        co = torch.softmax(torch.bmm(q, k.transpose(1, 2)).float() * scale, dim=-1)
+        co = torch.softmax(widen(torch.bmm(q, k.transpose(1, 2))) * scale, dim=-1)
         for _ in range(self.n_iter):
           v = ifb_update(torch.bmm(co.to(v.dtype), v), v, alpha, self.variant)
       else:
-        # Fused kernels want head sizes that are multiples of 8: zero channels change nothing.
-        pad = -c % 8
-        qp, kp = (F.pad(t, (0, pad))[:, None] for t in (q, k))
+        # Fused kernels want one head size for Q, K and V, a multiple of 8: zero channels
+        # change neither Q K^T nor the attended values of the first C channels.
+        width = -(-max(c, q.shape[-1]) // 8) * 8
+        qp, kp = (F.pad(t, (0, width - t.shape[-1]))[:, None] for t in (q, k))
         for _ in range(self.n_iter):
-          attended = F.scaled_dot_product_attention(qp, kp, F.pad(v, (0, pad))[:, None],
+          attended = F.scaled_dot_product_attention(qp, kp, F.pad(v, (0, width - c))[:, None],
                                                     scale=scale)[:, 0, :, :c]
           v = ifb_update(attended, v, alpha, self.variant)
     fused = v.transpose(1, 2).reshape(b, c, h, w)
@@ -168,10 +183,13 @@ def _exact_size_fuse_forward(module, x):
 
 
 def hrnet_backbone():
-  """timm hrnet_w18_small_v2, four raw branches (18/36/72/144 ch), bilinear exact-size fuse."""
+  """timm hrnet_w18_small_v2, four raw branches (18/36/72/144 ch), bilinear exact-size fuse,
+  BatchNorm momentum 0.01."""
   net = timm.create_model("hrnet_w18_small_v2", pretrained=False, features_only=True,
                           feature_location="", out_indices=(1, 2, 3, 4))
   for module in net.modules():
+    if isinstance(module, nn.BatchNorm2d):
+      module.momentum = BACKBONE_BN_MOMENTUM
     if isinstance(module, timm_hrnet.HighResolutionModule) and module.num_branches > 1:
       for i, fuse_outer in enumerate(module.fuse_layers):
         for j in range(i + 1, len(fuse_outer)):
@@ -187,7 +205,7 @@ class IterFuseNet(nn.Module):
   """
 
   def __init__(self, tasks, num_outputs, task_channels, initial_blocks, scale, variant,
-               n_iter, alpha_init, impl):
+               n_iter, alpha_init, impl, qk_channels=None):
     super().__init__()
     self.tasks = tuple(tasks)
     self.backbone = hrnet_backbone()
@@ -197,7 +215,7 @@ class IterFuseNet(nn.Module):
         for t in self.tasks})
     self.cibs = nn.ModuleDict({
         f"{s}_to_{t}": CrossTaskInteractionBlock(task_channels, scale, variant, n_iter,
-                                                 alpha_init, impl)
+                                                 alpha_init, impl, qk_channels)
         for t in self.tasks for s in self.tasks if s != t})
     self.heads = nn.ModuleDict({t: TaskHead(task_channels, num_outputs[t])
                                 for t in self.tasks})
@@ -209,13 +227,13 @@ class IterFuseNet(nn.Module):
     features, outputs = {}, {"initial": {}, "final": {}}
     for t in self.tasks:
       features[t], prediction = self.initial[t](shared)
-      outputs["initial"][t] = resize(prediction, size).float()
+      outputs["initial"][t] = widen(resize(prediction, size))
     for t in self.tasks:
       total = features[t]
       for s in self.tasks:
         if s != t:
           total = total + self.cibs[f"{s}_to_{t}"](features[s], features[t])
-      outputs["final"][t] = resize(self.heads[t](total), size).float()
+      outputs["final"][t] = widen(resize(self.heads[t](total), size))
     return outputs
 
 
@@ -234,7 +252,7 @@ def balanced_bce(logits, labels):
   valid = labels != IGNORE_LABEL
   positive = valid & (labels >= 0.5)
   negative = valid & ~positive
-  num_valid = valid.sum().clamp(min=1).float()
+  num_valid = valid.sum().clamp(min=1).to(x.dtype)
   w = negative.sum() / num_valid
   loss_pos = torch.where(positive, F.softplus(-x), 0.0).sum()
   loss_neg = torch.where(negative, F.softplus(x), 0.0).sum()
@@ -252,3 +270,114 @@ def multitask_loss(outputs, batch, tasks, weights):
     for t in tasks:
       total = total + weights[t] * task_losses[t](outputs[level][t], batch[t])
   return total
+
+
+def check_config_covered(config) -> None:
+  """Raises unless the port implements what `config` asks of the JAX model and its training."""
+  m, tpim, opt = config.model, config.model.tpim, config.optimizer
+  implemented = {"model.name": (m.name, "iterfuse"), "model.backbone": (m.backbone, "w18_small_v2"),
+                 "model.fuse_upsample": (m.fuse_upsample, "bilinear"),
+                 "model.tpim.use_ifb": (tpim.use_ifb, True),
+                 "optimizer.name": (opt.name, "adam")}
+  differ = {k: got for k, (got, want) in implemented.items() if got != want}
+  if differ:
+    raise ValueError(f"the PyTorch port does not implement {differ}")
+
+
+def iterfuse_from_config(config, impl: str = "materialized") -> IterFuseNet:
+  """The port of `build_model(config)` for an IterFuse config (train mode, on the CPU)."""
+  check_config_covered(config)
+  tasks = tuple(config.dataset.tasks)
+  tpim = config.model.tpim
+  return IterFuseNet(
+      tasks, {t: task_registry.num_outputs(t, config.dataset.name) for t in tasks},
+      task_channels=config.model.task_channels, initial_blocks=config.model.initial_blocks,
+      scale=tpim.scale, variant=tpim.variant, n_iter=tpim.n_iter, alpha_init=tpim.alpha_init,
+      impl=impl, qk_channels=tpim.qk_channels or None).train()
+
+
+# ----------------------------------------------------------------------------- weight mapping
+
+# Flax leaf name -> PyTorch tensor name, per collection.
+_LEAF_NAMES = {("params", "kernel"): "weight", ("params", "bias"): "bias",
+               ("params", "scale"): "weight", ("params", "alpha"): "alpha",
+               ("batch_stats", "mean"): "running_mean", ("batch_stats", "var"): "running_var"}
+_BLOCK_LAYERS = {"proj_conv": "proj.0", "proj_bn": "proj.1"}
+
+
+def port_key(collection: str, path: tuple[str, ...]) -> str:
+  """The port's state-dict key of the leaf `variables[collection][path]` of the JAX IterFuse.
+
+  E.g. ("params", ("initial_semseg", "block0", "proj_conv", "kernel")) ->
+  "initial.semseg.blocks.0.proj.0.weight"; backbone leaves follow HRNet's published names.
+  """
+  from iterfuse_jax.models import hrnet_weights  # pylint: disable=g-import-not-at-top
+
+  top, rest = path[0], path[1:]
+  if top == "backbone":
+    return "backbone." + hrnet_weights.flax_to_torch_key(collection, rest)
+  leaf = _LEAF_NAMES.get((collection, path[-1]))
+  if leaf is None:
+    raise ValueError(f"no port name for {collection}/{'/'.join(path)}")
+  if top.startswith("initial_"):
+    module = ["initial", top[len("initial_"):]]
+    for segment in rest[:-1]:
+      if segment.startswith("block"):
+        module += ["blocks", segment[len("block"):]]
+      else:
+        module.append(_BLOCK_LAYERS.get(segment, segment))
+  elif top == "distillation":
+    cib, *inner = rest[:-1]
+    if not cib.startswith("cib_"):
+      raise ValueError(f"no port name for {collection}/{'/'.join(path)}")
+    module = ["cibs", cib[len("cib_"):], *inner]
+  elif top.startswith("head_"):
+    module = ["heads", top[len("head_"):], *rest[:-1]]
+  else:
+    raise ValueError(f"no port name for {collection}/{'/'.join(path)}")
+  return ".".join(module + [leaf])
+
+
+def to_flax_layout(value, collection: str, leaf: str):
+  """A PyTorch tensor as the Flax leaf: conv OIHW -> HWIO, linear [out, in] -> [in, out]."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  value = np.asarray(value.detach().cpu() if hasattr(value, "detach") else value)
+  value = value.astype(np.promote_types(value.dtype, np.float32))  # float64 stays float64
+  if collection == "params" and leaf == "kernel":
+    if value.ndim == 4:
+      return np.ascontiguousarray(value.transpose(2, 3, 1, 0))
+    if value.ndim == 2:
+      return np.ascontiguousarray(value.T)
+  return value
+
+
+def flax_tree(tensors, abstract, collections=("params", "batch_stats")):
+  """Named port tensors (a state dict, or {name: grad}) as the JAX model's variable trees.
+
+  `abstract` is the JAX model's variables (shapes suffice, e.g. from `jax.eval_shape`). Returns
+  {collection: nested dict of numpy arrays} for `collections`; raises listing every leaf without
+  a tensor, every shape mismatch and every tensor left over.
+  """
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+
+  used, problems, out = set(), [], {}
+  for collection in collections:
+    flat = {}
+    for path, leaf in traverse_util.flatten_dict(abstract[collection]).items():
+      key = port_key(collection, path)
+      if key not in tensors:
+        problems.append(f"{key}: no tensor for {collection}/{'/'.join(path)}")
+        continue
+      used.add(key)
+      value = to_flax_layout(tensors[key], collection, path[-1])
+      if value.shape != tuple(leaf.shape):
+        problems.append(f"{key}: shape {value.shape}, the JAX leaf is {tuple(leaf.shape)}")
+      flat[path] = value
+    out[collection] = traverse_util.unflatten_dict(flat)
+  if "batch_stats" in collections:
+    left = sorted(k for k in tensors if k not in used and not k.endswith("num_batches_tracked"))
+    problems += [f"{k}: no JAX leaf" for k in left]
+  if problems:
+    raise ValueError("the port's tensors do not map onto the JAX model:\n  " + "\n  ".join(problems))
+  return out

@@ -230,25 +230,11 @@ def torch_port():
   return port
 
 
-def _check_port_covers(config) -> None:
-  """Raises unless the PyTorch port implements what `config` asks of the JAX model."""
-  m, tpim, opt = config.model, config.model.tpim, config.optimizer
-  implemented = {"model.name": (m.name, "iterfuse"), "model.backbone": (m.backbone, "w18_small_v2"),
-                 "model.fuse_upsample": (m.fuse_upsample, "bilinear"),
-                 "model.tpim.use_ifb": (tpim.use_ifb, True),
-                 "model.tpim.qk_channels": (tpim.qk_channels, 0),
-                 "optimizer.name": (opt.name, "adam")}
-  differ = {k: got for k, (got, want) in implemented.items() if got != want}
-  if differ:
-    raise ValueError(f"the PyTorch port does not implement {differ}")
-
-
 def measure_torch(setting: Setting) -> dict:
   """Times the eager PyTorch port's train step (forward, losses, backward, Adam)."""
   port = torch_port()
   torch = port.torch
   config = benchmark_config(setting)
-  _check_port_covers(config)
   torch.manual_seed(setting.seed)
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   if device.type == "cuda":
@@ -256,12 +242,7 @@ def measure_torch(setting: Setting) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
   tasks = tuple(config.dataset.tasks)
-  tpim = config.model.tpim
-  model = port.IterFuseNet(
-      tasks, {t: task_registry.num_outputs(t, setting.dataset) for t in tasks},
-      task_channels=config.model.task_channels, initial_blocks=config.model.initial_blocks,
-      scale=tpim.scale, variant=tpim.variant, n_iter=tpim.n_iter, alpha_init=tpim.alpha_init,
-      impl=setting.impl).to(device).train()
+  model = port.iterfuse_from_config(config, impl=setting.impl).to(device)
   num_params = sum(p.numel() for p in model.parameters())
   # The first epoch's learning rate of the poly schedule is the base rate.
   optimizer = torch.optim.Adam(model.parameters(), lr=config.optimizer.learning_rate,
