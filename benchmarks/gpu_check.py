@@ -44,7 +44,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from collections.abc import Sequence
 
@@ -320,8 +319,8 @@ def env_phase(timeout_s: float, measure_peak: bool) -> dict:
   # The JAX probe must not take most of the GPU's memory: the torch probe runs after it.
   info = python_json(code, timeout_s, child_env(XLA_PYTHON_CLIENT_PREALLOCATE="false"))
   try:
-    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,"
-                          "clocks.max.sm,power.limit", "--format=csv,noheader"],
+    query = "--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit"
+    smi = subprocess.run(["nvidia-smi", query, "--format=csv,noheader"],
                          capture_output=True, text=True, timeout=20, check=False)
     info["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
   except (OSError, subprocess.TimeoutExpired) as e:
@@ -376,11 +375,11 @@ def tests_phase(targets: Sequence[str], timeout_s: float, log: pathlib.Path,
   rc, out = run_limited(cmd, timeout_s, env, log)
   # pytest -v: "tests/x.py::test_y[a b] PASSED   [ 10%]", one line per test as it finishes.
   finished = re.findall(r"^tests/\S.*?::.*? (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b", out,
-                        re.M)
+                        re.MULTILINE)
   outcomes = {o.lower(): finished.count(o)
               for o in ("PASSED", "FAILED", "ERROR", "SKIPPED", "XFAIL", "XPASS")}
   summary_lines = [l for l in out.splitlines() if re.match(r"^=+ .*(passed|failed|error).* =+$", l)]
-  failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", out, re.M)
+  failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", out, re.MULTILINE)
   return {"targets": list(targets), "platform": platform, "exit": rc,
           "timed_out": rc is None, "seconds": time.perf_counter() - start, **outcomes,
           "summary": summary_lines[-1].strip("= ") if summary_lines else None,
@@ -520,7 +519,8 @@ def targets(results: list[dict], tiny: bool) -> list[str]:
     return max(rows, key=lambda r: r["images_per_s"], default=None)
 
   jax_best, eager, compiled = best("jax"), best("torch", "eager"), best("torch", "compile")
-  scope = "tiny dry-run shapes, not the paper's" if tiny else "NYUD 480x640, batch 8, IFB C n_iter 18"
+  scope = ("tiny dry-run shapes, not the paper's" if tiny
+           else "NYUD 480x640, batch 8, IFB C n_iter 18")
   out = [f"targets ({scope}; each side's fastest row):"]
 
   def ratio_line(name, want, other):
@@ -672,8 +672,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help=f"benchmark row groups, comma-separated: {GROUPS}")
   parser.add_argument("--rows", default="", help="only these rows: comma-separated labels "
                       "('JAX bf16') or group-qualified labels ('pascal: JAX bf16')")
-  parser.add_argument("--tests-s", type=float, default=170.0, help="limit of the tests phase")
-  parser.add_argument("--precompile", type=int, default=3,
+  parser.add_argument("--tests-s", type=float, default=150.0, help="limit of the tests phase")
+  parser.add_argument("--precompile", type=int, default=4,
                       help="JAX rows compiled ahead in parallel (0: each row compiles itself)")
   parser.add_argument("--torch-device", choices=("auto", "cpu", "cuda"), default="auto")
   args = parser.parse_args(argv)
@@ -769,6 +769,10 @@ def main(argv: Sequence[str] | None = None) -> int:
       for line in targets(bench, args.tiny):
         say(line)
       say(full_resolution_verdict(bench))
+      for r in bench:
+        if "profile_error" in r:
+          say(f"profile of {_key(Row(r['group'], r['label'], None, 0, 0))} failed: "
+              f"{r['profile_error']}")
       profiled = next((r for r in bench if "profile" in r), None)
       if profiled:
         from benchmarks import profile_summary  # pylint: disable=g-import-not-at-top

@@ -232,7 +232,8 @@ def local_equivalents(wheels: Sequence[pathlib.Path]) -> list[pathlib.Path]:
   The carried wheels are for CPython 3.12; a dry run on another Python downloads (or builds) the
   same versions for itself, cached in /tmp.
   """
-  cache = pathlib.Path(tempfile.gettempdir()) / f"gpu_image_wheels_cp{sys.version_info[0]}{sys.version_info[1]}"
+  tag = f"cp{sys.version_info[0]}{sys.version_info[1]}"
+  cache = pathlib.Path(tempfile.gettempdir()) / f"gpu_image_wheels_{tag}"
   cache.mkdir(exist_ok=True)
   out = []
   for wheel in wheels:

@@ -84,8 +84,8 @@ def summarize(directory: str | pathlib.Path, steps: int = 1, top: int = 15,
 
 
 def format_summary(summary: dict) -> str:
-  lines = [f"profile: {summary['ms_per_step']:.2f} ms of annotated XLA work per step "
-           f"({summary['source']})", f"{'ms/step':>9s} {'%':>6s}  top operation kinds"]
+  lines = [(f"profile: {summary['ms_per_step']:.2f} ms of annotated XLA work per step "
+            f"({summary['source']})"), f"{'ms/step':>9s} {'%':>6s}  top operation kinds"]
   lines += [f"{r['ms_per_step']:9.3f} {r['percent']:6.1f}  {r['name']}"
             for r in summary["top_kinds"]]
   lines.append(f"{'ms/step':>9s} {'%':>6s}  top operations")

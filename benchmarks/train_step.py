@@ -264,11 +264,16 @@ def measure_jax(setting: Setting, compile_only: bool = False) -> dict:
     peak, peak_kind = xla_bytes, "XLA plan temp+arg+out-alias"
   figures = {}
   if setting.profile_dir:
+    # After the timing, and never fatal: a profiler that cannot start (no CUPTI, say) costs the
+    # row its profile, not its figures.
     from benchmarks import profile_summary  # pylint: disable=g-import-not-at-top
-    with jax.profiler.trace(setting.profile_dir):
-      for _ in range(PROFILE_STEPS):
-        state, metrics, _ = step(state)
-    figures["profile"] = profile_summary.summarize(setting.profile_dir, steps=PROFILE_STEPS)
+    try:
+      with jax.profiler.trace(setting.profile_dir):
+        for _ in range(PROFILE_STEPS):
+          state, metrics, _ = step(state)
+      figures["profile"] = profile_summary.summarize(setting.profile_dir, steps=PROFILE_STEPS)
+    except Exception as e:  # noqa: BLE001  # pylint: disable=broad-exception-caught
+      figures["profile_error"] = f"{type(e).__name__}: {e}"[:500]
   return _summary(setting, times or [first_s], compile_s=compile_s, first_step_s=first_s,
                   peak_bytes=peak, peak_kind=peak_kind, xla_plan_bytes=xla_bytes, loss=loss,
                   num_params=num_params, device=f"{device.platform}: {device.device_kind}",
@@ -475,7 +480,8 @@ def _last_error_line(stderr: str, returncode: int) -> str:
   lines = [l for l in stderr.strip().splitlines() if l.strip()]
   if returncode in (-9, 137):  # SIGKILL: the kernel's OOM killer
     return "killed (out of memory?)"
-  return lines[-1][:200] if lines else f"exit status {returncode}"
+  # Long enough for the out-of-memory hint, which names the option at its end.
+  return lines[-1][:1000] if lines else f"exit status {returncode}"
 
 
 HEADER = (f"{'framework':9s} {'ifb':12s} {'compile s':>9s} {'1st step s':>10s} {'step s':>8s} "
@@ -546,7 +552,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   child = args._child  # pylint: disable=protected-access
   if child:
-    row = measure(Setting(**json.loads(child)), compile_only=args._compile_only)  # pylint: disable=protected-access
+    compile_only = args._compile_only  # pylint: disable=protected-access
+    row = measure(Setting(**json.loads(child)), compile_only=compile_only)
     print(json.dumps(row))
     return 0
 

@@ -1,4 +1,4 @@
-"""The model, the train step, losses, metrics, the FLOP counter and the benchmarks need no TensorFlow.
+"""The model, train step, losses, metrics, FLOP counter and benchmarks import without TensorFlow.
 
 The GPU machines' image has no tensorflow, tensorflow-datasets, grain or array-record (and
 TensorFlow does not fit the wheels it can be given). A fresh interpreter runs on a copy of this

@@ -5,7 +5,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import pytest
 
 from benchmarks import train_step as bench

@@ -46,7 +46,7 @@ def _jitted_step_and_args(dtype: str, impl: str):
   return step, state, batch
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _stablehlo(dtype: str, impl: str) -> str:
   step, state, batch = _jitted_step_and_args(dtype, impl)
   return step.lower(state, batch).as_text()
@@ -81,7 +81,8 @@ def test_bfloat16_step_convolves_in_bfloat16_and_attends_in_float32(impl):
   convs = ops(text, "convolution")
   assert len(convs) > 100, "the HRNet train step has hundreds of convolutions"
   f32_convs = [c for c in convs if any(t.dtype != "bf16" for t in c[0]) or c[1].dtype != "bf16"]
-  assert not f32_convs, f"{len(f32_convs)} of {len(convs)} convolutions not in bf16: {f32_convs[:3]}"
+  assert not f32_convs, (f"{len(f32_convs)} of {len(convs)} convolutions not in bf16: "
+                         f"{f32_convs[:3]}")
 
   dots = ops(text, "dot_general")
   # Rank 4: the bilinear resizes as products with interpolation matrices (bfloat16).
@@ -114,4 +115,5 @@ def test_compiled_gpu_step_runs_cudnn_convolutions_in_bfloat16():
                      r"custom_call_target=\"__cudnn\$conv", hlo)
   assert convs, "no cuDNN convolution in the compiled step"
   not_bf16 = [c for c in convs if c[0] != "bf16" or "f32[" in c[1]]
-  assert not not_bf16, f"{len(not_bf16)} of {len(convs)} cuDNN convolutions not bf16: {not_bf16[:3]}"
+  assert not not_bf16, (f"{len(not_bf16)} of {len(convs)} cuDNN convolutions not bf16: "
+                        f"{not_bf16[:3]}")

@@ -38,7 +38,8 @@ def test_plan_puts_the_nyud_comparison_first_at_the_paper_shapes():
   kinds = {(s.framework, s.dtype, s.torch_mode, s.precision) for s in nyud}
   assert {("jax", "bfloat16", "eager", "tf32"), ("torch", "bfloat16", "eager", "tf32"),
           ("jax", "float32", "eager", "tf32"), ("torch", "float32", "eager", "tf32"),
-          ("torch", "bfloat16", "compile", "tf32"), ("torch", "float32", "compile", "tf32")} <= kinds
+          ("torch", "bfloat16", "compile", "tf32"),
+          ("torch", "float32", "compile", "tf32")} <= kinds
   assert {(r.setting.framework, r.setting.precision) for r in rows if r.group == "fp32"} == {
       ("jax", "fp32"), ("torch", "fp32")}
   assert len({gpu_check._key(r) for r in rows}) == len(rows)  # pylint: disable=protected-access
@@ -113,14 +114,14 @@ def test_profile_summary_reads_a_real_trace(tmp_path):
 
 def _fake_wheel(path, name, requires):
   with zipfile.ZipFile(path, "w") as z:
-    meta = "\n".join([f"Metadata-Version: 2.1", f"Name: {name}", "Version: 1.0",
+    meta = "\n".join(["Metadata-Version: 2.1", f"Name: {name}", "Version: 1.0",
                       *[f"Requires-Dist: {r}" for r in requires]]) + "\n"
     z.writestr(f"{name}-1.0.dist-info/METADATA", meta)
   return path
 
 
 def test_missing_requirements_against_the_image(tmp_path):
-  wheel = _fake_wheel(tmp_path / "demo-1.0-py3-none-any.whl", "demo", [
+  _fake_wheel(tmp_path / "demo-1.0-py3-none-any.whl", "demo", [
       "numpy", "ml-collections", "not-on-the-image", "jax>=0.12", "torch<3",
       'tensorflow; extra == "tf"', 'backport; python_version < "3.9"'])
   _fake_wheel(tmp_path / "ml_collections-1.0-py3-none-any.whl", "ml_collections", ["absl-py"])
@@ -151,8 +152,8 @@ def test_gpu_check_dry_run_through_the_shell_script(tmp_path):
          "JAX_DISABLE_MOST_OPTIMIZATIONS": "1", "OMP_NUM_THREADS": "1"}
   done = subprocess.run(
       ["bash", str(REPO_ROOT / "benchmarks" / "gpu_check.sh"), str(out), "--tiny",
-       "--rows", "nyud: JAX bf16,nyud: PT eager f32 TF32,nyud: PT compile bf16", "--precompile", "1",
-       "--torch-device", "cpu"],
+       "--rows", "nyud: JAX bf16,nyud: PT eager f32 TF32,nyud: PT compile bf16",
+       "--precompile", "1", "--torch-device", "cpu"],
       cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
   assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
   assert {p.name for p in out.iterdir()} <= {"summary.txt", "results.json", "tests.log",
