@@ -1,9 +1,12 @@
-"""Throughput of the NYUD-v2 training input pipeline (images/s), with 0 and more grain workers.
+"""Throughput of the training input pipeline (images/s), with 0 and more grain workers.
 
-Writes a synthetic NYUD_MT folder at the requested size into a temporary directory (or uses
---data_dir), prepares it, and times `create_train_dataset` batches after a warm-up:
+Writes a synthetic NYUD_MT (or PASCAL_MT) folder into a temporary directory (or uses --data-dir),
+prepares it, and times `create_train_dataset` batches of the training size after a warm-up. NYUD
+frames are written at the training size (480x640, as the dataset's); PASCAL frames at 375x500, a
+typical PASCAL image, which the pipeline augments and pads to the 512x512 training size:
 
-  python -m benchmarks.input_pipeline                      # 480x640, workers 0 and 2
+  python -m benchmarks.input_pipeline                      # NYUD 480x640, workers 0 and 2
+  python -m benchmarks.input_pipeline --dataset pascal     # PASCAL-Context 512x512
   python -m benchmarks.input_pipeline --height 48 --width 64 --steps 3 --workers 0
 """
 
@@ -38,30 +41,37 @@ def measure(cfg, batch_size: int, steps: int, warmup: int) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m benchmarks.input_pipeline",
                                    description=__doc__.split("\n")[0])
-  parser.add_argument("--height", type=int, default=480)
-  parser.add_argument("--width", type=int, default=640)
+  parser.add_argument("--dataset", choices=("nyud", "pascal"), default="nyud")
+  parser.add_argument("--height", type=int, default=0, help="training height (0: the paper's)")
+  parser.add_argument("--width", type=int, default=0, help="training width (0: the paper's)")
   parser.add_argument("--batch-size", type=int, default=8)
   parser.add_argument("--steps", type=int, default=20, help="timed batches per setting")
   parser.add_argument("--warmup", type=int, default=2, help="untimed batches first")
   parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
   parser.add_argument("--num-train", type=int, default=32, help="synthetic frames to write")
-  parser.add_argument("--data-dir", default="", help="an existing NYUD_MT folder instead")
+  parser.add_argument("--data-dir", default="",
+                      help="an existing NYUD_MT / PASCAL_MT folder instead")
   parser.add_argument("--no-augment", action="store_true")
   args = parser.parse_args(argv)
 
+  paper_size = {"nyud": (480, 640), "pascal": (512, 512)}[args.dataset]
+  height, width = args.height or paper_size[0], args.width or paper_size[1]
+  # NYUD frames have the training size; PASCAL images vary, 500x375 being typical.
+  frame = (height, width) if args.dataset == "nyud" else (min(height, 375), min(width, 500))
   with tempfile.TemporaryDirectory() as tmp:
     data_dir = args.data_dir
-    cfg = config_lib.get_dataset_config("nyud")
+    cfg = config_lib.get_dataset_config(args.dataset)
     if not data_dir:
-      data_dir = f"{tmp}/NYUD_MT"
+      data_dir = f"{tmp}/{'NYUD_MT' if args.dataset == 'nyud' else 'PASCAL_MT'}"
+      writer = synthetic.write_nyud if args.dataset == "nyud" else synthetic.write_pascal
       start = time.perf_counter()
-      synthetic.write_nyud(data_dir, num_train=args.num_train, num_val=1, seed=0,
-                           height=args.height, width=args.width)
-      print(f"wrote {args.num_train} synthetic {args.height}x{args.width} frames in "
+      writer(data_dir, num_train=args.num_train, num_val=1, seed=0, height=frame[0],
+             width=frame[1])
+      print(f"wrote {args.num_train} synthetic {frame[0]}x{frame[1]} frames in "
             f"{time.perf_counter() - start:.1f} s")
     cfg.data_dir = data_dir
     cfg.prepared_dir = f"{tmp}/prepared"
-    cfg.train_size = (args.height, args.width)
+    cfg.train_size = (height, width)
     cfg.augment = not args.no_augment
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", io_utils.SplitSizeWarning)
@@ -71,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for workers in args.workers:
       cfg.num_workers = workers
       rate = measure(cfg, args.batch_size, args.steps, args.warmup)
-      print(f"NYUD train pipeline {args.height}x{args.width}, batch {args.batch_size}, "
+      print(f"{args.dataset.upper()} train pipeline {height}x{width}, batch {args.batch_size}, "
             f"augment={cfg.augment}, workers={workers}: {rate:.1f} images/s")
   return 0
 

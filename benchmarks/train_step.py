@@ -20,7 +20,14 @@ Co either: flash / memory-efficient kernels; channels zero-padded to a multiple 
 GPU kernels accept C = 270). The JAX/PyTorch ratio of a JAX row is its images/s over the images/s
 of the PyTorch row of the matching kind.
 
-Figures per row: compile time (JAX: lower + compile; PyTorch eager: 0), first step, images/s
+Rows also differ by float32 precision (--precision: each side's default, both TF32, or both full
+float32; the row's "matmul_precision" says what was in force), PyTorch mode (--torch-mode eager,
+compile: `torch.compile` of forward + losses), the CIB scale (--scale 1: the full-resolution IFB)
+and PyTorch device (--torch-device; "auto" is CUDA when there is one). `benchmarks/gpu_check.py`
+drives this module's rows on a GPU machine with time limits (`_measure_in_subprocess`).
+
+Figures per row: compile time (JAX: lower + compile; PyTorch eager: 0; torch.compile: first step
+less the median step), first step, images/s
 (batch / median step time over --steps timed steps after --warmup untimed ones, each step waited
 for with block_until_ready / cuda.synchronize), and peak memory:
   * GPU: JAX `device.memory_stats()["peak_bytes_in_use"]`, PyTorch
@@ -53,6 +60,7 @@ import json
 import os
 import pathlib
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -75,6 +83,12 @@ TRAIN_EXAMPLES = {"nyud": 795, "pascal": 4998}
 JAX_IMPLS = ("materialized", "streamed")
 # PyTorch counterpart of each JAX IFB implementation.
 TORCH_IMPL_FOR = {"materialized": "materialized", "streamed": "sdpa"}
+# Float32 matmul / convolution precision of a row. "default": each framework's own (JAX on a GPU:
+# TF32-like for float32 dots and convolutions; PyTorch: IEEE float32 matmuls, TF32 cuDNN
+# convolutions); "tf32": both sides TF32; "fp32": both sides full float32.
+PRECISIONS = ("default", "tf32", "fp32")
+JAX_PRECISION = {"tf32": "tensorfloat32", "fp32": "float32"}
+TORCH_MODES = ("eager", "compile")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +108,11 @@ class Setting:
   steps: int
   warmup: int
   seed: int = 0
+  precision: str = "default"  # see PRECISIONS
+  torch_mode: str = "eager"  # PyTorch: eager | compile (torch.compile of forward + losses)
+  scale: int = 2  # model.tpim.scale, the CIB's pooling factor (1: full-resolution IFB)
+  torch_device: str = "auto"  # PyTorch: auto (CUDA when there is one) | cpu | cuda
+  profile_dir: str = ""  # JAX: trace PROFILE_STEPS more steps into this folder and summarise them
 
 
 def benchmark_config(setting: Setting):
@@ -110,6 +129,7 @@ def benchmark_config(setting: Setting):
   config.model.dtype = setting.dtype
   config.model.tpim.n_iter = setting.n_iter
   config.model.tpim.variant = setting.variant
+  config.model.tpim.scale = setting.scale
   if setting.framework == "jax":
     config.model.tpim.ifb_impl = setting.impl
   return config
@@ -154,16 +174,31 @@ def _summary(setting: Setting, step_times: list[float], **figures: Any) -> dict:
 # ----------------------------------------------------------------------------- JAX
 
 
-def measure_jax(setting: Setting) -> dict:
-  """Builds the model from the default config, jits train.train_step and times it."""
+PROFILE_STEPS = 3
+
+
+def jax_precision_name() -> str:
+  import jax  # pylint: disable=g-import-not-at-top
+  value = jax.config.jax_default_matmul_precision
+  return f"jax_default_matmul_precision={value}" if value else "JAX default"
+
+
+def measure_jax(setting: Setting, compile_only: bool = False) -> dict:
+  """Builds the model from the default config, jits train.train_step and times it.
+
+  compile_only: stop after the compilation (which fills the persistent compilation cache when
+  JAX_COMPILATION_CACHE_DIR is set) and return the compile time.
+  """
   # pylint: disable=g-import-not-at-top
   import jax
   from jax.sharding import NamedSharding, PartitionSpec
 
-  from iterfuse_jax import train
+  from iterfuse_jax import out_of_memory, train
   from iterfuse_jax.models import build_model
   # pylint: enable=g-import-not-at-top
 
+  if setting.precision != "default":
+    jax.config.update("jax_default_matmul_precision", JAX_PRECISION[setting.precision])
   config = benchmark_config(setting)
   tasks = tuple(config.dataset.tasks)
 
@@ -189,15 +224,27 @@ def measure_jax(setting: Setting) -> dict:
       in_shardings=(state_sharding, data_sharding), out_shardings=(state_sharding, replicated),
       donate_argnums=(0,))
   start = time.perf_counter()
-  compiled = jitted.lower(state, batch).compile()
+  try:
+    compiled = jitted.lower(state, batch).compile()
+  except jax.errors.JaxRuntimeError as e:
+    explained = out_of_memory.explain(e, config)
+    if explained is None:
+      raise
+    raise explained from e
   compile_s = time.perf_counter() - start
+  device = jax.devices()[0]
+  if compile_only:
+    return {**dataclasses.asdict(setting), "compile_s": compile_s,
+            "device": f"{device.platform}: {device.device_kind}"}
   analysis = compiled.memory_analysis()
   xla_bytes = (analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
                + analysis.output_size_in_bytes - analysis.alias_size_in_bytes)
+  # As in the train loop: an out-of-memory error of the materialized IFB names the streamed one.
+  run = out_of_memory.with_hint(compiled, config)
 
   def step(state):
     start = time.perf_counter()
-    state, metrics = compiled(state, batch)
+    state, metrics = run(state, batch)
     jax.block_until_ready((state, metrics))
     return state, metrics, time.perf_counter() - start
 
@@ -210,15 +257,27 @@ def measure_jax(setting: Setting) -> dict:
     times.append(seconds)
   loss = float(metrics["loss/total"])
 
-  device = jax.devices()[0]
   stats = device.memory_stats() or {}
   if "peak_bytes_in_use" in stats:
     peak, peak_kind = stats["peak_bytes_in_use"], f"{device.platform} peak_bytes_in_use"
   else:
     peak, peak_kind = xla_bytes, "XLA plan temp+arg+out-alias"
+  figures = {}
+  if setting.profile_dir:
+    # After the timing, and never fatal: a profiler that cannot start (no CUPTI, say) costs the
+    # row its profile, not its figures.
+    from benchmarks import profile_summary  # pylint: disable=g-import-not-at-top
+    try:
+      with jax.profiler.trace(setting.profile_dir):
+        for _ in range(PROFILE_STEPS):
+          state, metrics, _ = step(state)
+      figures["profile"] = profile_summary.summarize(setting.profile_dir, steps=PROFILE_STEPS)
+    except Exception as e:  # noqa: BLE001  # pylint: disable=broad-exception-caught
+      figures["profile_error"] = f"{type(e).__name__}: {e}"[:500]
   return _summary(setting, times or [first_s], compile_s=compile_s, first_step_s=first_s,
                   peak_bytes=peak, peak_kind=peak_kind, xla_plan_bytes=xla_bytes, loss=loss,
-                  num_params=num_params, device=f"{device.platform}: {device.device_kind}")
+                  num_params=num_params, device=f"{device.platform}: {device.device_kind}",
+                  matmul_precision=jax_precision_name(), **figures)
 
 
 # ----------------------------------------------------------------------------- PyTorch port
@@ -230,15 +289,47 @@ def torch_port():
   return port
 
 
+def torch_device(torch, requested: str):
+  """The device a PyTorch row runs on: "auto" is CUDA when there is one."""
+  if requested not in ("auto", "cpu", "cuda"):
+    raise ValueError(f"unknown torch_device {requested!r}; expected auto, cpu or cuda")
+  if requested == "auto":
+    requested = "cuda" if torch.cuda.is_available() else "cpu"
+  if requested == "cuda" and not torch.cuda.is_available():
+    raise RuntimeError("torch_device 'cuda' asked for, but PyTorch sees no CUDA device")
+  return torch.device(requested)
+
+
+def set_torch_precision(torch, precision: str) -> str:
+  """Applies a row's float32 precision to PyTorch's CUDA backends; returns what is in force."""
+  import warnings  # pylint: disable=g-import-not-at-top
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # the allow_tf32 flags are deprecated in favour of ...
+    if precision in ("tf32", "fp32"):
+      torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+      torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    return (f"torch matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32} "
+            f"cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}")
+
+
 def measure_torch(setting: Setting) -> dict:
-  """Times the eager PyTorch port's train step (forward, losses, backward, Adam)."""
+  """Times the PyTorch port's train step (forward, losses, backward, Adam), eager or compiled.
+
+  torch_mode "compile": `torch.compile` of the forward pass with its losses (the backward is
+  compiled with it by AOTAutograd; Adam stays eager, as most users run it). Its compilation
+  happens in the first step, so compile_s is the first step's time less the median step.
+  """
+  if setting.torch_mode not in TORCH_MODES:
+    raise ValueError(f"unknown torch_mode {setting.torch_mode!r}; expected one of {TORCH_MODES}")
   port = torch_port()
   torch = port.torch
   config = benchmark_config(setting)
   torch.manual_seed(setting.seed)
-  device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+  device = torch_device(torch, setting.torch_device)
+  precision = "cpu (no TF32)"
   if device.type == "cuda":
     torch.backends.cudnn.benchmark = True
+    precision = set_torch_precision(torch, setting.precision)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
   tasks = tuple(config.dataset.tasks)
@@ -254,6 +345,14 @@ def measure_torch(setting: Setting) -> dict:
   weights = {t: float(config.loss_weights[t]) for t in tasks}
   use_bf16 = setting.dtype == "bfloat16"
 
+  def forward_loss(images, batch):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+      outputs = model(images)
+    return port.multitask_loss(outputs, batch, tasks, weights)
+
+  if setting.torch_mode == "compile":
+    forward_loss = torch.compile(forward_loss)
+
   def sync():
     if device.type == "cuda":
       torch.cuda.synchronize()
@@ -261,21 +360,25 @@ def measure_torch(setting: Setting) -> dict:
   def step():
     start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-      outputs = model(images)
-    loss = port.multitask_loss(outputs, batch, tasks, weights)
+    loss = forward_loss(images, batch)
     loss.backward()
     optimizer.step()
     sync()
     return float(loss.detach()), time.perf_counter() - start
 
-  loss, first_s = step()
+  try:
+    loss, first_s = step()
+  except torch.OutOfMemoryError as e:
+    raise MemoryError(f"CUDA out of memory in the PyTorch port: {str(e).splitlines()[0]}") from e
   for _ in range(setting.warmup):
     step()
   times = []
   for _ in range(setting.steps):
     loss, seconds = step()
     times.append(seconds)
+  compile_s = 0.0
+  if setting.torch_mode == "compile":
+    compile_s = max(0.0, first_s - statistics.median(times or [first_s]))
   if device.type == "cuda":
     peak, peak_kind = torch.cuda.max_memory_allocated(), "cuda max_memory_allocated"
     name = torch.cuda.get_device_name()
@@ -284,36 +387,65 @@ def measure_torch(setting: Setting) -> dict:
   else:
     peak, peak_kind = _max_rss_bytes(), "process max RSS"
     name = f"{torch.get_num_threads()} threads"
-  return _summary(setting, times or [first_s], compile_s=0.0, first_step_s=first_s,
+  return _summary(setting, times or [first_s], compile_s=compile_s, first_step_s=first_s,
                   peak_bytes=peak, peak_kind=peak_kind, xla_plan_bytes=None,
-                  loss=loss, num_params=num_params, device=f"{device.type}: {name}")
+                  loss=loss, num_params=num_params, device=f"{device.type}: {name}",
+                  matmul_precision=precision, torch_version=torch.__version__)
 
 
 # ----------------------------------------------------------------------------- driver
 
 
-def measure(setting: Setting) -> dict:
+def measure(setting: Setting, compile_only: bool = False) -> dict:
   if setting.framework == "jax":
-    return measure_jax(setting)
+    return measure_jax(setting, compile_only=compile_only)
   if setting.framework == "torch":
+    if compile_only:
+      raise ValueError("compile_only is for JAX rows")
     return measure_torch(setting)
   raise ValueError(f"unknown framework {setting.framework!r}; expected 'jax' or 'torch'")
 
 
-def _measure_in_subprocess(setting: Setting) -> dict:
-  """One row in a fresh interpreter, so that its max RSS and device peak are its own."""
-  env = dict(os.environ)
+def _measure_in_subprocess(setting: Setting, timeout_s: float | None = None,
+                           log_path: str = "", compile_only: bool = False,
+                           env: dict[str, str] | None = None) -> dict:
+  """One row in a fresh interpreter, so that its max RSS and device peak are its own.
+
+  timeout_s: the row's process group (torch.compile's workers too) is killed after this long and
+  the row becomes an error row. log_path: the row's stderr is appended to this file.
+  """
+  env = dict(os.environ if env is None else env)
   repo_root = str(pathlib.Path(__file__).resolve().parents[1])
   env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH")) if p)
   cmd = [sys.executable, "-m", "benchmarks.train_step", "--_child",
          json.dumps(dataclasses.asdict(setting))]
-  done = subprocess.run(cmd, env=env, cwd=repo_root, capture_output=True, text=True, check=False)
-  if done.returncode != 0:
-    return {**dataclasses.asdict(setting), "error": _last_error_line(done.stderr, done.returncode)}
+  if compile_only:
+    cmd.append("--_compile_only")
+  start = time.perf_counter()
+  proc = subprocess.Popen(cmd, env=env, cwd=repo_root, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True)
   try:
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    stdout, stderr = proc.communicate(timeout=timeout_s)
+    timed_out = False
+  except subprocess.TimeoutExpired:
+    os.killpg(proc.pid, signal.SIGKILL)
+    stdout, stderr = proc.communicate()
+    timed_out = True
+  wall_s = time.perf_counter() - start
+  if log_path:
+    with open(log_path, "a", encoding="utf-8") as f:
+      f.write(f"===== {json.dumps(dataclasses.asdict(setting))} "
+              f"({'compile only, ' if compile_only else ''}{wall_s:.1f} s, exit {proc.returncode})"
+              f"\n{stderr}\n")
+  base = {**dataclasses.asdict(setting), "wall_s": wall_s}
+  if timed_out:
+    return {**base, "error": f"timed out after {timeout_s:.0f} s (killed)"}
+  if proc.returncode != 0:
+    return {**base, "error": _last_error_line(stderr, proc.returncode)}
+  try:
+    return {**json.loads(stdout.strip().splitlines()[-1]), "wall_s": wall_s}
   except (IndexError, json.JSONDecodeError):
-    return {**dataclasses.asdict(setting), "error": "the row's process printed no JSON result"}
+    return {**base, "error": "the row's process printed no JSON result"}
 
 
 def _measure_here(setting: Setting) -> dict:
@@ -329,15 +461,22 @@ def _last_error_line(stderr: str, returncode: int) -> str:
   lines = [l for l in stderr.strip().splitlines() if l.strip()]
   if returncode in (-9, 137):  # SIGKILL: the kernel's OOM killer
     return "killed (out of memory?)"
-  return lines[-1][:200] if lines else f"exit status {returncode}"
+  # Long enough for the out-of-memory hint, which names the option at its end.
+  return lines[-1][:1000] if lines else f"exit status {returncode}"
 
 
 HEADER = (f"{'framework':9s} {'ifb':12s} {'compile s':>9s} {'1st step s':>10s} {'step s':>8s} "
           f"{'images/s':>9s} {'peak MiB':>9s} {'max RSS MiB':>11s} {'JAX/PT':>7s} {'loss':>8s}")
 
 
+def row_name(row: dict) -> str:
+  if row["framework"] == "jax":
+    return "JAX"
+  return "PT.compile" if row.get("torch_mode") == "compile" else "PyTorch"
+
+
 def format_row(row: dict, ratio: float | None) -> str:
-  name = "JAX" if row["framework"] == "jax" else "PyTorch"
+  name = row_name(row)
   if "error" in row:
     return f"{name:9s} {row['impl']:12s} failed: {row['error']}"
   ratio_text = f"{ratio:7.2f}" if ratio is not None else f"{'-':>7s}"
@@ -382,17 +521,27 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                       help="each row in a fresh subprocess (own max RSS and device peak)")
   parser.add_argument("--json", default="", help="also write the rows to this file")
+  parser.add_argument("--precision", choices=PRECISIONS, default="default",
+                      help="float32 matmul/conv precision of both sides (see PRECISIONS)")
+  parser.add_argument("--torch-mode", type=_parse_list(str, TORCH_MODES), default=["eager"],
+                      help="comma-separated PyTorch modes: eager, compile (torch.compile)")
+  parser.add_argument("--torch-device", choices=("auto", "cpu", "cuda"), default="auto")
+  parser.add_argument("--scale", type=int, default=2, help="model.tpim.scale (1: full resolution)")
   parser.add_argument("--_child", default="", help=argparse.SUPPRESS)
+  parser.add_argument("--_compile_only", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
 
   child = args._child  # pylint: disable=protected-access
   if child:
-    print(json.dumps(measure(Setting(**json.loads(child)))))
+    compile_only = args._compile_only  # pylint: disable=protected-access
+    row = measure(Setting(**json.loads(child)), compile_only=compile_only)
+    print(json.dumps(row))
     return 0
 
   default_h, default_w = DEFAULT_SIZES[args.dataset]
   height, width = args.height or default_h, args.width or default_w
-  if min(height, width, args.batch, args.task_channels, args.steps + 1) < 1 or args.warmup < 0:
+  if (min(height, width, args.batch, args.task_channels, args.steps + 1, args.scale) < 1
+      or args.warmup < 0):
     parser.error("height, width, batch and task channels must be positive, steps and warmup "
                  "non-negative")
   if any(n < 0 for n in args.n_iter):
@@ -417,16 +566,20 @@ def main(argv: Sequence[str] | None = None) -> int:
   for n_iter in args.n_iter:
     common = dict(dataset=args.dataset, height=height, width=width, batch=args.batch,
                   n_iter=n_iter, variant=args.variant, task_channels=args.task_channels,
-                  dtype=args.dtype, steps=args.steps, warmup=args.warmup)
+                  dtype=args.dtype, steps=args.steps, warmup=args.warmup,
+                  precision=args.precision, scale=args.scale, torch_device=args.torch_device)
     block = []
     if args.jax:
       for impl in args.ifb_impl:
         block.append(run(Setting(framework="jax", impl=impl, **common)))
     if args.torch:
-      for impl in args.ifb_impl:
-        block.append(run(Setting(framework="torch", impl=TORCH_IMPL_FOR[impl], **common)))
+      for mode in args.torch_mode:
+        for impl in args.ifb_impl:
+          block.append(run(Setting(framework="torch", impl=TORCH_IMPL_FOR[impl], torch_mode=mode,
+                                   **common)))
+    # JAX/PT: against the eager PyTorch row of the matching IFB.
     torch_speed = {r["impl"]: r["images_per_s"] for r in block
-                   if r["framework"] == "torch" and "error" not in r}
+                   if r["framework"] == "torch" and r["torch_mode"] == "eager" and "error" not in r}
     print(f"\nn_iter = {n_iter}")
     print(HEADER)
     for row in block:

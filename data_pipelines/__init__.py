@@ -5,5 +5,6 @@
   builders.py        tensorflow-datasets builders nyud_v2_mt, pascal_context_mt (array_record)
   nyud.py, pascal_context.py   readers of the published NYUD_MT / PASCAL_MT folders
   transforms.py      augmentations and preprocessing (numpy)
+  normalization.py   the ImageNet mean and std (importable without grain or tfds)
   synthetic.py       synthetic folders in the published layouts (`python -m data_pipelines.synthetic`)
 """

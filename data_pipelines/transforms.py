@@ -16,12 +16,12 @@ import grain
 import numpy as np
 from PIL import Image
 
+from data_pipelines.normalization import IMAGENET_MEAN, IMAGENET_STD
+
 CLASS_TASKS = ("semseg", "human_parts", "sal")
 DENSE_TASKS = CLASS_TASKS + ("depth",)
 IGNORE_LABEL = 255
 INVALID_DEPTH = 0.0
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 @dataclasses.dataclass(frozen=True)

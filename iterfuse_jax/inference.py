@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from data_pipelines.transforms import IMAGENET_MEAN, IMAGENET_STD
+from data_pipelines.normalization import IMAGENET_MEAN, IMAGENET_STD
 from iterfuse_jax import tasks as task_registry
 from iterfuse_jax.models import build_model
 from iterfuse_jax.models.iterative_fusion import ifb_update

@@ -12,7 +12,7 @@ import functools
 import json
 import logging
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import flax
 import jax
@@ -20,14 +20,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from data_pipelines import pipeline as data_pipeline
-from iterfuse_jax import eval_resizing, inference, losses, metrics, visualization
-from iterfuse_jax.checkpoints import RunCheckpoints
+# The step functions, the optimiser and the train state import without TensorFlow, grain or tfds
+# (a GPU image has none of them): the data pipeline, the checkpoints (grain's iterator state) and
+# clu's metric writers (TensorFlow summaries) are imported where the loop uses them.
+from iterfuse_jax import (eval_resizing, inference, losses, metrics, out_of_memory,
+                          visualization)
 from iterfuse_jax.models import build_model, initialization
 
 PyTree = Any
@@ -314,6 +315,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Returns the final evaluation metrics (with "delta_m").
   """
+  # pylint: disable=g-import-not-at-top
+  from clu import metric_writers, parameter_overview, periodic_actions
+  from data_pipelines import pipeline as data_pipeline
+  from iterfuse_jax.checkpoints import RunCheckpoints
+  # pylint: enable=g-import-not-at-top
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy; data_dir may be filled
@@ -374,6 +380,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         schedule=schedule),
       in_shardings=(state_sharding, data_sharding), out_shardings=(state_sharding, replicated),
       donate_argnums=(0,))
+  # An out-of-memory error of the materialized IFB names the streamed option.
+  jitted_train = out_of_memory.with_hint(jitted_train, config)
   metrics_cls = metrics.make_eval_metrics(tasks, dataset)
   jitted_eval = jax.jit(functools.partial(eval_step, tasks=tasks, metrics_cls=metrics_cls,
                                           resize_order=config.eval_resize))
@@ -452,6 +460,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         which: str = "latest") -> dict[str, float]:
   """Evaluates the latest (or best) checkpoint of a workdir; prints and returns the metrics."""
+  from iterfuse_jax.checkpoints import RunCheckpoints  # pylint: disable=g-import-not-at-top
   workdir = epath.Path(workdir)
   config = ml_collections.ConfigDict(config.to_dict())
   config.model.pretrained = ""  # the checkpoint holds every weight
@@ -483,6 +492,7 @@ def create_eval_batches(config: ml_collections.ConfigDict):
 
   Every host yields the same number of (padded) batches, so the sharded eval steps line up.
   """
+  from data_pipelines import pipeline as data_pipeline  # pylint: disable=g-import-not-at-top
   return data_pipeline.create_eval_dataset(
       config.dataset, config.batch_size // jax.process_count(), shard_index=jax.process_index(),
       shard_count=jax.process_count())

@@ -154,7 +154,8 @@ def test_eval_mode_reproduces_the_final_evaluation(finished_run):
 
 
 def test_two_device_step_equals_one_device_step(data_dir):
-  assert len(jax.devices()) >= 2
+  if len(jax.devices()) < 2:  # ITERFUSE_TEST_PLATFORM=gpu on a one-GPU machine
+    pytest.skip(f"needs 2 devices, found {jax.devices()}")
   # SGD: the update is linear in the gradient. Adam's first step is lr * sign(g) for every
   # parameter, so float noise on a near-zero gradient would flip a whole lr-sized step.
   config = tiny_config(data_dir, batch_size=4, **{"optimizer.name": "sgd"})
@@ -288,6 +289,8 @@ def test_bfloat16_trains_like_float32(data_dir):
     assert int(state.nonfinite_step) == -1
     curves[dtype] = np.array(losses)
   f32, bf16 = curves["float32"], curves["bfloat16"]
+  # Equal curves would mean model.dtype was ignored (tests/test_precision.py checks the HLO).
+  assert not np.array_equal(bf16, f32), curves
   np.testing.assert_allclose(bf16[:2], f32[:2], rtol=0.05)  # same start
   drop32 = f32[:2].mean() - f32[-2:].mean()
   drop16 = bf16[:2].mean() - bf16[-2:].mean()

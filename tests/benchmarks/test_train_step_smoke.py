@@ -6,6 +6,7 @@ compile without XLA's expensive passes and the isolated (default) mode runs one 
 
 import json
 import math
+import os
 
 import jax
 import pytest
@@ -19,8 +20,11 @@ from benchmarks import train_step  # noqa: E402
 # importing triton after an XLA compilation crashes the process.
 train_step.torch_port()
 
+# CPU PyTorch (like the JAX rows, which tests/conftest.py keeps on the CPU) unless the suite runs
+# on the GPU (ITERFUSE_TEST_PLATFORM=gpu).
+ON_GPU = os.environ.get("ITERFUSE_TEST_PLATFORM", "cpu") == "gpu"
 TINY = ["--height", "32", "--width", "32", "--batch", "2", "--task-channels", "8", "--steps", "1",
-        "--warmup", "0"]
+        "--warmup", "0", "--torch-device", "cuda" if ON_GPU else "cpu"]
 TITLE = ("train step: IterFuse (HRNet-W18-small-v2, IFB C) on nyud, 32x32, batch 2, "
          "task channels 8, float32; median of 1 steps after 0 warm-up")
 POSITIVE = ("step_s", "images_per_s", "first_step_s", "peak_bytes", "max_rss_bytes", "loss",
@@ -63,10 +67,12 @@ def check_figures(row: dict) -> None:
   if row["framework"] == "jax":
     assert row["compile_s"] > 0
     assert math.isfinite(row["xla_plan_bytes"]) and row["xla_plan_bytes"] > 0
-    assert row["peak_kind"] == "XLA plan temp+arg+out-alias"
+    assert row["peak_kind"] == ("gpu peak_bytes_in_use" if ON_GPU
+                                else "XLA plan temp+arg+out-alias")
   else:
     assert row["compile_s"] == 0 and row["xla_plan_bytes"] is None
-    assert row["peak_kind"] == "process max RSS"
+    assert row["peak_kind"] == ("cuda max_memory_allocated" if ON_GPU else "process max RSS")
+    assert row["device"].startswith("cuda: " if ON_GPU else "cpu: ")
 
 
 def test_train_step_benchmark_in_process(tmp_path, capsys):
@@ -101,8 +107,8 @@ def test_train_step_benchmark_in_process(tmp_path, capsys):
       assert float(cells[8]) == pytest.approx(row["jax_over_torch"], abs=0.006)
     else:
       assert cells[8] == "-"
-  assert f"JAX: cpu: cpu; {rows[0]['num_params']:,} parameters" in printed
-  assert "PyTorch: cpu: " in printed
+  assert f"JAX: {rows[0]['device']}; {rows[0]['num_params']:,} parameters" in printed
+  assert ("PyTorch: cuda: " if ON_GPU else "PyTorch: cpu: ") in printed
   assert "cumulative over this process (rows not isolated)" in printed
 
 

@@ -1,0 +1,797 @@
+"""One GPU visit: environment, the GPU-relevant tests on the GPU, and the JAX vs PyTorch table.
+
+Run by `benchmarks/gpu_check.sh OUTDIR` (which first installs the wheels carried in `.whl/`):
+
+  python -m benchmarks.gpu_check OUTDIR                   # the whole visit, about 9 minutes
+  python -m benchmarks.gpu_check OUTDIR --tiny            # CPU dry run at tiny shapes
+  python -m benchmarks.gpu_check OUTDIR --phases bench --groups pascal,fullres   # a second visit
+
+Phases, in this order, all inside one time budget (--budget-s) so that the command ends well
+inside the device tool's 10-minute limit; a phase or row that fails or runs out of time is
+recorded as such and the others go on:
+
+  env       GPU, driver, Python, jax / torch versions and devices; the float32 precision each
+            framework applies by default (flags, and the error of a float32 matmul and
+            convolution against float64: TF32 shows as ~1e-3); the packages the carried wheels
+            need; a large matmul's TFLOP/s in bf16, TF32 and float32 (the achievable peak).
+  tests     pytest with ITERFUSE_TEST_PLATFORM=gpu on the GPU-relevant tests (precision, IFB and
+            streamed IFB with the cuDNN path, losses, metrics, OOM message, a train step, bf16),
+            one line per test in tests.log, counts in the summary.
+  bench     benchmarks.train_step rows, one subprocess each, most important first (PLAN). JAX
+            rows are compiled ahead in parallel while the tests run, into a persistent
+            compilation cache, so that the timed rows run one at a time and only load it. Model
+            FLOPs per step (3x the forward FLOPs of `iterfuse_jax.compare.model_cost`, counted on
+            the CPU meanwhile) over the step time, as a fraction of the GPU's dense peak for the
+            row's arithmetic; the projected wall time of the paper's full runs; the issue's
+            targets, printed (not asserted). The first JAX row is also profiled (top operations).
+  pipeline  benchmarks.input_pipeline images/s at the paper's sizes with the machine's cores.
+
+OUTDIR receives at most six flat files (the device tool returns 8 files, 2 folders deep):
+summary.txt (what is printed last), results.json (everything), tests.log, rows.log (each row's
+stderr), pipeline.log, and the caller's console.log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import json
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+
+from benchmarks import train_step
+from benchmarks.train_step import Setting
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+PHASES = ("env", "tests", "bench", "pipeline")
+GROUPS = ("nyud", "fullres", "pascal", "fp32")
+# Dense (no sparsity) peak TFLOP/s of the data sheets, per arithmetic: NVIDIA H100 SXM5 and H200
+# (same SMs and clocks; the H200 has more and faster memory), H100 PCIe.
+DATASHEET_TFLOPS = {
+    "H200": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "H100 SXM": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "H100 PCIe": {"bf16": 756.0, "tf32": 378.0, "fp32": 51.2},
+}
+# The paper's full runs: 100 epochs of the training split, whole batches of 8 (REFERENCE.md).
+FULL_RUN_EPOCHS = 100
+# The GPU-relevant tests, most important first (pytest runs them in this order).
+GPU_TESTS = (
+    "tests/test_precision.py",
+    "tests/models/test_streamed_fusion_gpu.py",
+    "tests/models/test_streamed_fusion.py",
+    "tests/models/test_iterative_fusion.py",
+    "tests/test_losses.py",
+    "tests/test_metrics.py",
+    "tests/test_out_of_memory.py",
+    "tests/test_train.py::test_bfloat16_trains_like_float32",
+    "tests/test_train.py::test_adam_adds_l2_decay_to_the_gradient",
+    "tests/models/test_network.py",
+    "tests/models/test_hrnet.py",
+)
+TINY_TESTS = ("tests/test_losses.py",)
+# Libraries the GPU image lacks and that travel as wheels; their versions are printed.
+WATCHED_DISTRIBUTIONS = (
+    "jax", "jaxlib", "jax-cuda13-plugin", "flax", "optax", "orbax-checkpoint", "chex", "numpy",
+    "torch", "torchvision", "timm", "triton", "ml-collections", "clu", "grain", "array-record",
+    "tensorflow-datasets", "tensorflow", "protobuf", "etils", "absl-py", "pyyaml", "wrapt",
+    "dm-tree", "immutabledict", "promise", "simple-parsing", "tensorflow-metadata", "termcolor",
+    "toml", "portpicker", "googleapis-common-protos", "docstring-parser")
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One planned benchmark row: its group, a label, the setting and its time limits (s)."""
+
+  group: str
+  label: str
+  setting: Setting
+  cap_s: float  # the row's process is killed after this long
+  min_s: float  # not started with less time left than this
+
+
+def _shape(dataset: str, tiny: bool) -> dict:
+  if tiny:
+    return dict(dataset=dataset, height=32, width=32, batch=2, task_channels=8,
+                n_iter=2, steps=1, warmup=0)
+  height, width = train_step.DEFAULT_SIZES[dataset]
+  # Paper: NYUD IFB C with n_iter 18; PASCAL-Context with n_iter 4 (the paper's best there).
+  return dict(dataset=dataset, height=height, width=width, batch=8, task_channels=270,
+              n_iter=18 if dataset == "nyud" else 4, steps=10, warmup=2)
+
+
+def plan(tiny: bool, profile_dir: str, torch_device: str = "auto") -> list[Row]:
+  """The rows of a visit, most important first. bfloat16 rows run the f32 rest in TF32."""
+  rows = []
+
+  def add(group, label, cap_s, min_s, **kwargs):
+    rows.append(Row(group, label, Setting(variant="C", torch_device=torch_device, **kwargs),
+                    cap_s, min_s))
+
+  jax_cap, eager_cap, compile_cap = (240, 120, 300) if tiny else (150, 120, 270)
+  nyud, pascal = _shape("nyud", tiny), _shape("pascal", tiny)
+  # NYUD at the paper's shape: each side at its best and in float32 (both TF32), first.
+  add("nyud", "JAX bf16", jax_cap, 30, framework="jax", impl="materialized", dtype="bfloat16",
+      precision="tf32", profile_dir=profile_dir, **nyud)
+  add("nyud", "PT eager bf16", eager_cap, 30, framework="torch", impl="materialized",
+      dtype="bfloat16", precision="tf32", **nyud)
+  add("nyud", "JAX f32 TF32", jax_cap, 30, framework="jax", impl="materialized", dtype="float32",
+      precision="tf32", **nyud)
+  add("nyud", "PT eager f32 TF32", eager_cap, 30, framework="torch", impl="materialized",
+      dtype="float32", precision="tf32", **nyud)
+  add("nyud", "PT compile bf16", compile_cap, 120, framework="torch", impl="materialized",
+      dtype="bfloat16", precision="tf32", torch_mode="compile", **nyud)
+  add("nyud", "JAX bf16 streamed", jax_cap, 30, framework="jax", impl="streamed",
+      dtype="bfloat16", precision="tf32", **nyud)
+  add("nyud", "PT compile f32 TF32", compile_cap, 120, framework="torch", impl="materialized",
+      dtype="float32", precision="tf32", torch_mode="compile", **nyud)
+  add("nyud", "JAX f32 TF32 streamed", jax_cap, 30, framework="jax", impl="streamed",
+      dtype="float32", precision="tf32", **nyud)
+  add("nyud", "PT eager bf16 sdpa", eager_cap, 30, framework="torch", impl="sdpa",
+      dtype="bfloat16", precision="tf32", **nyud)
+  # The full-resolution IFB (sc = 1, M = 19200 on NYUD): streamed runs, materialized must fail
+  # with the message naming the streamed option.
+  full = {**nyud, "steps": 1 if tiny else 3, "warmup": 0 if tiny else 1}
+  add("fullres", "JAX bf16 streamed sc=1", jax_cap, 40, framework="jax", impl="streamed",
+      dtype="bfloat16", precision="tf32", scale=1, **full)
+  add("fullres", "JAX bf16 materialized sc=1", jax_cap, 40, framework="jax",
+      impl="materialized", dtype="bfloat16", precision="tf32", scale=1, **full)
+  # PASCAL-Context at the paper's shape (three tasks, six CIBs).
+  add("pascal", "JAX bf16", jax_cap, 30, framework="jax", impl="materialized", dtype="bfloat16",
+      precision="tf32", **pascal)
+  add("pascal", "PT eager bf16", eager_cap, 30, framework="torch", impl="materialized",
+      dtype="bfloat16", precision="tf32", **pascal)
+  add("pascal", "JAX f32 TF32", jax_cap, 30, framework="jax", impl="materialized",
+      dtype="float32", precision="tf32", **pascal)
+  add("pascal", "PT eager f32 TF32", eager_cap, 30, framework="torch", impl="materialized",
+      dtype="float32", precision="tf32", **pascal)
+  add("pascal", "PT compile bf16", compile_cap, 120, framework="torch", impl="materialized",
+      dtype="bfloat16", precision="tf32", torch_mode="compile", **pascal)
+  # Full float32 on both sides (no TF32): like with like for users who need it.
+  add("fp32", "JAX f32 IEEE", jax_cap, 30, framework="jax", impl="materialized", dtype="float32",
+      precision="fp32", **nyud)
+  add("fp32", "PT eager f32 IEEE", eager_cap, 30, framework="torch", impl="materialized",
+      dtype="float32", precision="fp32", **nyud)
+  return rows
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+class Clock:
+  """The visit's time budget."""
+
+  def __init__(self, budget_s: float):
+    self.start = time.perf_counter()
+    self.budget_s = budget_s
+
+  def elapsed(self) -> float:
+    return time.perf_counter() - self.start
+
+  def left(self) -> float:
+    return self.budget_s - self.elapsed()
+
+
+def run_limited(cmd: Sequence[str], timeout_s: float, env: dict[str, str] | None = None,
+                log_path: pathlib.Path | None = None) -> tuple[int | None, str]:
+  """Runs `cmd` in its own process group; kills the group after timeout_s (returns None, output).
+
+  stdout and stderr together go to log_path (appended) and are returned.
+  """
+  with tempfile.TemporaryFile(mode="w+", encoding="utf-8") as out:
+    proc = subprocess.Popen(list(cmd), cwd=REPO_ROOT, env=env, stdout=out,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+      code = proc.wait(timeout=max(1.0, timeout_s))
+    except subprocess.TimeoutExpired:
+      os.killpg(proc.pid, signal.SIGKILL)
+      proc.wait()
+      code = None
+    out.seek(0)
+    text = out.read()
+  if log_path is not None:
+    with open(log_path, "a", encoding="utf-8") as f:
+      f.write(text)
+  return code, text
+
+
+def child_env(base: dict[str, str] | None = None, **updates: str) -> dict[str, str]:
+  env = dict(os.environ if base is None else base)
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+  env["PYTHONUNBUFFERED"] = "1"
+  env.update(updates)
+  return env
+
+
+def python_json(code: str, timeout_s: float, env: dict[str, str]) -> dict:
+  """Runs `code` (which prints one JSON line last) in a fresh interpreter; {"error"} on failure."""
+  rc, out = run_limited([sys.executable, "-c", code], timeout_s, env)
+  lines = [l for l in out.strip().splitlines() if l.startswith("{")]
+  if rc != 0 or not lines:
+    tail = out.strip().splitlines()[-1:] or [""]
+    return {"error": "timed out" if rc is None else f"exit {rc}: {tail[0][:300]}"}
+  return json.loads(lines[-1])
+
+
+# ----------------------------------------------------------------------------- env
+
+
+ENV_PROBE = r'''
+import importlib.metadata as md, json, os, platform, sys
+out = {"python": sys.version.split()[0], "platform": platform.platform(),
+       "cpu_count": os.cpu_count(), "versions": {}}
+for name in NAMES:
+  try:
+    out["versions"][name] = md.version(name)
+  except md.PackageNotFoundError:
+    out["versions"][name] = None
+import numpy as np
+rng = np.random.default_rng(0)
+a = rng.standard_normal((1024, 1024)).astype(np.float32)
+b = rng.standard_normal((1024, 1024)).astype(np.float32)
+ref = a.astype(np.float64) @ b.astype(np.float64)
+x = rng.standard_normal((8, 64, 64, 64)).astype(np.float32)
+w = rng.standard_normal((3, 3, 64, 64)).astype(np.float32)
+def rel(got, want):
+  return float(np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want))
+def kind(err):
+  return "TF32-like" if err > 1e-4 else "IEEE float32"
+# A 3x3 "SAME" convolution in float64: the sum of the nine shifted 1x1 products.
+xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+conv_ref = sum(np.einsum("bhwc,co->bhwo", xp[:, i:i + 64, j:j + 64], w[i, j].astype(np.float64))
+               for i in range(3) for j in range(3))
+try:
+  import jax, jax.numpy as jnp
+  from jax import lax
+  dev = jax.devices()[0]
+  stats = dev.memory_stats() or {}
+  conv = jax.jit(lambda x, w: lax.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  j = {"version": jax.__version__, "backend": jax.default_backend(),
+       "devices": [str(d) for d in jax.devices()], "device_kind": dev.device_kind,
+       "bytes_limit": stats.get("bytes_limit"),
+       "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
+       "f32_matmul_rel_error": rel(jax.jit(jnp.dot)(a, b), ref),
+       "f32_conv_rel_error": rel(conv(x, w), conv_ref)}
+  j["f32_matmul"], j["f32_conv"] = kind(j["f32_matmul_rel_error"]), kind(j["f32_conv_rel_error"])
+  out["jax"] = j
+except Exception as e:
+  out["jax"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+try:
+  import torch
+  t = {"version": torch.__version__, "cuda": torch.cuda.is_available(),
+       "num_threads": torch.get_num_threads()}
+  if torch.cuda.is_available():
+    import warnings
+    warnings.simplefilter("ignore")
+    t["device"] = torch.cuda.get_device_name()
+    t["cuda_version"] = torch.version.cuda
+    t["cudnn_version"] = torch.backends.cudnn.version()
+    t["matmul.allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
+    t["cudnn.allow_tf32"] = torch.backends.cudnn.allow_tf32
+    t["float32_matmul_precision"] = torch.get_float32_matmul_precision()
+    ta, tb = torch.from_numpy(a).cuda(), torch.from_numpy(b).cuda()
+    t["f32_matmul_rel_error"] = rel((ta @ tb).cpu().numpy(), ref)
+    t["f32_matmul"] = kind(t["f32_matmul_rel_error"])
+    tx = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().cuda()
+    tw = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous().cuda()
+    got = torch.nn.functional.conv2d(tx, tw, padding=1).permute(0, 2, 3, 1).cpu().numpy()
+    t["f32_conv_rel_error"] = rel(got, conv_ref)
+    t["f32_conv"] = kind(t["f32_conv_rel_error"])
+    if MATMUL_PEAK:
+      peaks = {}
+      n = 8192
+      for name, dtype, tf32 in (("bf16", torch.bfloat16, False), ("tf32", torch.float32, True),
+                                ("fp32", torch.float32, False)):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        p = torch.randn(n, n, device="cuda", dtype=dtype)
+        q = torch.randn(n, n, device="cuda", dtype=dtype)
+        for _ in range(3):
+          p @ q
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        reps = 10 if name != "fp32" else 3
+        start.record()
+        for _ in range(reps):
+          p @ q
+        end.record()
+        torch.cuda.synchronize()
+        peaks[name] = 2 * n ** 3 * reps / (start.elapsed_time(end) / 1e3) / 1e12
+        del p, q
+      torch.backends.cuda.matmul.allow_tf32 = False
+      t["measured_matmul_tflops"] = peaks
+  out["torch"] = t
+except Exception as e:
+  out["torch"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+print(json.dumps(out))
+'''
+
+
+def env_phase(timeout_s: float, measure_peak: bool) -> dict:
+  code = ENV_PROBE.replace("NAMES", repr(WATCHED_DISTRIBUTIONS)).replace(
+      "MATMUL_PEAK", repr(measure_peak))
+  # The JAX probe must not take most of the GPU's memory: the torch probe runs after it.
+  info = python_json(code, timeout_s, child_env(XLA_PYTHON_CLIENT_PREALLOCATE="false"))
+  try:
+    query = "--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit"
+    smi = subprocess.run(["nvidia-smi", query, "--format=csv,noheader"],
+                         capture_output=True, text=True, timeout=20, check=False)
+    info["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
+  except (OSError, subprocess.TimeoutExpired) as e:
+    info["nvidia_smi"] = f"unavailable ({type(e).__name__})"
+  return info
+
+
+def gpu_model(env: dict) -> str | None:
+  """'H100 SXM', 'H100 PCIe' or 'H200' from the device name, else None."""
+  name = " ".join(str(x) for x in (env.get("torch", {}).get("device"),
+                                    env.get("jax", {}).get("device_kind"), env.get("nvidia_smi")))
+  if "H200" in name:
+    return "H200"
+  if "H100" in name:
+    return "H100 PCIe" if "PCIe" in name else "H100 SXM"
+  return None
+
+
+def format_env(env: dict) -> str:
+  j, t = env.get("jax", {}), env.get("torch", {})
+  lines = [f"GPU: {env.get('nvidia_smi')}",
+           f"Python {env.get('python')} on {env.get('platform')}, {env.get('cpu_count')} CPUs",
+           f"JAX {j.get('version')} ({j.get('backend')}: {j.get('device_kind')}); "
+           f"jax_default_matmul_precision={j.get('jax_default_matmul_precision')}; default f32 "
+           f"matmul {j.get('f32_matmul')} (rel. error {j.get('f32_matmul_rel_error', 0):.1e}), "
+           f"conv {j.get('f32_conv')} ({j.get('f32_conv_rel_error', 0):.1e})"
+           + (f"; ERROR {j['error']}" if "error" in j else ""),
+           f"PyTorch {t.get('version')} (CUDA {t.get('cuda_version')}, cuDNN "
+           f"{t.get('cudnn_version')}): defaults matmul.allow_tf32={t.get('matmul.allow_tf32')} "
+           f"cudnn.allow_tf32={t.get('cudnn.allow_tf32')}; default f32 matmul "
+           f"{t.get('f32_matmul')}, conv {t.get('f32_conv')}"
+           + (f"; ERROR {t['error']}" if "error" in t else "")]
+  peaks = t.get("measured_matmul_tflops")
+  if peaks:
+    lines.append("measured 8192^3 matmul TFLOP/s: "
+                 + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()))
+  versions = env.get("versions", {})
+  lines.append("packages: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v))
+  lines.append("absent: " + ", ".join(k for k, v in versions.items() if not v))
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def tests_phase(targets: Sequence[str], timeout_s: float, log: pathlib.Path,
+                platform: str) -> dict:
+  cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-rfE",
+         "--color=no", *targets]
+  env = child_env(ITERFUSE_TEST_PLATFORM=platform)
+  start = time.perf_counter()
+  rc, out = run_limited(cmd, timeout_s, env, log)
+  # pytest -v: "tests/x.py::test_y[a b] PASSED   [ 10%]", one line per test as it finishes.
+  finished = re.findall(r"^tests/\S.*?::.*? (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b", out,
+                        re.MULTILINE)
+  outcomes = {o.lower(): finished.count(o)
+              for o in ("PASSED", "FAILED", "ERROR", "SKIPPED", "XFAIL", "XPASS")}
+  summary_lines = [l for l in out.splitlines() if re.match(r"^=+ .*(passed|failed|error).* =+$", l)]
+  failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", out, re.MULTILINE)
+  return {"targets": list(targets), "platform": platform, "exit": rc,
+          "timed_out": rc is None, "seconds": time.perf_counter() - start, **outcomes,
+          "summary": summary_lines[-1].strip("= ") if summary_lines else None,
+          "failed_tests": failed}
+
+
+def format_tests(t: dict) -> str:
+  if "skipped_phase" in t:
+    return f"tests: not run ({t['skipped_phase']})"
+  head = (f"tests (ITERFUSE_TEST_PLATFORM={t['platform']}, {t['seconds']:.0f} s): "
+          f"{t['passed']} passed, {t['failed']} failed, {t['error']} errors, "
+          f"{t['skipped']} skipped")
+  if t["timed_out"]:
+    head += " -- TIMED OUT, killed; the counts are the tests finished by then"
+  elif t["summary"]:
+    head += f" [pytest: {t['summary']}]"
+  return "\n".join([head] + [f"  failed: {name}" for name in t["failed_tests"]])
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+FLOPS_PROBE = r'''
+import json, os
+os.environ["JAX_PLATFORMS"] = "cpu"
+from benchmarks import train_step
+from benchmarks.train_step import Setting
+from iterfuse_jax import compare
+out = {}
+for key, setting in SETTINGS:
+  try:
+    params, gflops = compare.model_cost(train_step.benchmark_config(Setting(**setting)))
+    out[key] = {"params": params, "forward_gflops_per_image": gflops}
+  except Exception as e:
+    out[key] = {"error": f"{type(e).__name__}: {e}"[:300]}
+print(json.dumps(out))
+'''
+
+
+def flops_key(s: Setting) -> str:
+  return f"{s.dataset}/{s.height}x{s.width}/C{s.task_channels}/n{s.n_iter}/sc{s.scale}"
+
+
+def start_flops_count(rows: Sequence[Row], timeout_s: float, pool) -> concurrent.futures.Future:
+  """Counts forward FLOPs per distinct model on the CPU (XLA cost analysis; nothing compiled)."""
+  settings = {}
+  for row in rows:
+    settings.setdefault(flops_key(row.setting), dataclasses.asdict(row.setting))
+  code = FLOPS_PROBE.replace("SETTINGS", repr(sorted(settings.items())))
+  env = child_env(JAX_PLATFORMS="cpu")
+  return pool.submit(python_json, code, timeout_s, env)
+
+
+# ----------------------------------------------------------------------------- bench
+
+
+def precompile(rows: Sequence[Row], env: dict[str, str], deadline_s: float, workers: int,
+               log: pathlib.Path) -> dict[str, dict]:
+  """Compiles the JAX rows in parallel into the persistent cache; {label: result or error}."""
+  jax_rows = [r for r in rows if r.setting.framework == "jax"]
+  results = {}
+  if not jax_rows or workers < 1:
+    return results
+  start = time.perf_counter()
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    futures = {}
+    for row in jax_rows:
+      futures[pool.submit(_precompile_one, row, env, start, deadline_s, log)] = row
+    for future in concurrent.futures.as_completed(futures):
+      results[_key(futures[future])] = future.result()
+  return results
+
+
+def _precompile_one(row: Row, env, start: float, deadline_s: float, log) -> dict:
+  left = deadline_s - (time.perf_counter() - start)
+  if left < 10:
+    return {"error": "not precompiled: precompile deadline"}
+  return train_step._measure_in_subprocess(  # pylint: disable=protected-access
+      row.setting, timeout_s=min(row.cap_s, left), log_path=str(log), compile_only=True,
+      env=env)
+
+
+def _key(row: Row) -> str:
+  return f"{row.group}: {row.label}"
+
+
+def run_rows(rows: Sequence[Row], clock: Clock, env: dict[str, str], log: pathlib.Path,
+             reserve_s: float, allow_torch_compile: bool) -> list[dict]:
+  results = []
+  for row in rows:
+    left = clock.left() - reserve_s
+    base = {"group": row.group, "label": row.label, **dataclasses.asdict(row.setting)}
+    if row.setting.torch_mode == "compile" and not allow_torch_compile:
+      results.append({**base, "skipped": "torch.compile rows are not run on a CPU dry run"})
+    elif left < row.min_s:
+      results.append({**base, "skipped": f"out of time budget ({left:.0f} s left)"})
+    else:
+      print(f"[{clock.elapsed():5.0f} s] {_key(row)} ...", flush=True)
+      result = train_step._measure_in_subprocess(  # pylint: disable=protected-access
+          row.setting, timeout_s=min(row.cap_s, left), log_path=str(log), env=env)
+      results.append({**result, "group": row.group, "label": row.label})
+      print(f"[{clock.elapsed():5.0f} s]   " + (result.get("error") or
+            f"{result['images_per_s']:.2f} images/s"), flush=True)
+  return results
+
+
+def derive(results: list[dict], flops: dict, peaks: dict | None, precompiled: dict) -> None:
+  """Adds model TFLOP/s, the fraction of the peak and the projected full-run time to each row."""
+  for r in results:
+    pre = precompiled.get(f"{r['group']}: {r['label']}")
+    if pre and "compile_s" in pre:
+      r["precompile_s"] = pre["compile_s"]
+    if "step_s" not in r:
+      continue
+    setting = Setting(**{f.name: r[f.name] for f in dataclasses.fields(Setting)})
+    cost = flops.get(flops_key(setting), {})
+    gflops = cost.get("forward_gflops_per_image")
+    if gflops:
+      # Training = forward + backward ~ 3x the forward's FLOPs (the usual MFU convention).
+      r["model_tflop_per_step"] = 3 * gflops * setting.batch / 1e3
+      r["model_tflops"] = r["model_tflop_per_step"] / r["step_s"]
+      arithmetic = "bf16" if setting.dtype == "bfloat16" else (
+          "fp32" if setting.precision == "fp32" else "tf32")
+      r["peak_arithmetic"] = arithmetic
+      if peaks:
+        r["fraction_of_peak"] = r["model_tflops"] / peaks[arithmetic]
+    steps = train_step.TRAIN_EXAMPLES[setting.dataset] // setting.batch
+    r["full_run_steps"] = FULL_RUN_EPOCHS * steps
+    r["projected_full_run_min"] = FULL_RUN_EPOCHS * steps * r["step_s"] / 60
+
+
+def targets(results: list[dict], tiny: bool) -> list[str]:
+  """The issue's targets at the NYUD paper shape, each side at its best (printed, not asserted)."""
+  def best(framework, mode=None):
+    rows = [r for r in results if r["group"] == "nyud" and r.get("framework") == framework
+            and "images_per_s" in r and (mode is None or r.get("torch_mode") == mode)]
+    return max(rows, key=lambda r: r["images_per_s"], default=None)
+
+  jax_best, eager, compiled = best("jax"), best("torch", "eager"), best("torch", "compile")
+  scope = ("tiny dry-run shapes, not the paper's" if tiny
+           else "NYUD 480x640, batch 8, IFB C n_iter 18")
+  out = [f"targets ({scope}; each side's fastest row):"]
+
+  def ratio_line(name, want, other):
+    if jax_best is None or other is None:
+      out.append(f"  JAX >= {want:g}x {name}: not measured")
+      return
+    ratio = jax_best["images_per_s"] / other["images_per_s"]
+    out.append(f"  JAX >= {want:g}x {name}: {ratio:.2f}x ({jax_best['label']} "
+               f"{jax_best['images_per_s']:.1f} vs {other['label']} {other['images_per_s']:.1f} "
+               f"images/s) -> {'met' if ratio >= want else 'MISSED'}")
+
+  ratio_line("PyTorch eager", 2.0, eager)
+  ratio_line("torch.compile", 1.0, compiled)
+  if jax_best is None:
+    out.append("  paper's NYUD run (79,500 images) <= 15 min: not measured")
+  else:
+    minutes = jax_best["projected_full_run_min"]
+    out.append(f"  paper's NYUD run ({jax_best['full_run_steps']} steps of 8) <= 15 min: "
+               f"{minutes:.1f} min projected from {jax_best['label']} "
+               f"({jax_best['step_s'] * 1e3:.0f} ms/step; compile and evaluation not included) "
+               f"-> {'met' if minutes <= 15 else 'MISSED'}")
+  return out
+
+
+def full_resolution_verdict(results: list[dict]) -> str:
+  """What the sc = 1 rows showed: streamed must run, materialized must fail naming streamed."""
+  by_impl = {r["impl"]: r for r in results if r["group"] == "fullres"}
+  lines = ["full-resolution IFB (sc = 1):"]
+  streamed = by_impl.get("streamed")
+  if streamed is None or "skipped" in streamed:
+    lines.append("  streamed: not run")
+  elif "error" in streamed:
+    lines.append(f"  streamed: FAILED ({streamed['error']}) -- it must run")
+  else:
+    lines.append(f"  streamed: ran at batch {streamed['batch']}, "
+                 f"{streamed['images_per_s']:.2f} images/s, peak "
+                 f"{streamed['peak_bytes'] / 2**30:.1f} GiB -> as required")
+  materialized = by_impl.get("materialized")
+  if materialized is None or "skipped" in materialized:
+    lines.append("  materialized: not run")
+  elif "error" not in materialized:
+    lines.append(f"  materialized: ran (peak {materialized['peak_bytes'] / 2**30:.1f} GiB): it "
+                 "fits this device's memory at this shape")
+  elif "model.tpim.ifb_impl=streamed" in materialized["error"]:
+    lines.append(f"  materialized: failed with the hint, as required: {materialized['error']}")
+  else:
+    lines.append(f"  materialized: failed WITHOUT the hint: {materialized['error']}")
+  return "\n".join(lines)
+
+
+def format_table(results: list[dict]) -> str:
+  header = (f"{'row':34s} {'prec':15s} {'img/s':>7s} {'ms/step':>8s} {'compile s':>9s} "
+            f"{'peak GiB':>8s} {'TFLOP/s':>7s} {'%peak':>6s} {'full run min':>12s}")
+  lines = [header]
+  for r in results:
+    name = f"{r['group']}: {r['label']}"
+    if "skipped" in r:
+      lines.append(f"{name:34s} skipped: {r['skipped']}")
+      continue
+    if "error" in r:
+      lines.append(f"{name:34s} FAILED: {r['error']}")
+      continue
+    compile_s = r.get("precompile_s", r["compile_s"]) if r["framework"] == "jax" else r["compile_s"]
+    tflops = f"{r['model_tflops']:7.3g}" if "model_tflops" in r else f"{'-':>7s}"
+    frac = (f"{100 * r['fraction_of_peak']:5.1f}%" if "fraction_of_peak" in r else f"{'-':>6s}")
+    prec = {"default": "default", "tf32": "TF32", "fp32": "IEEE f32"}[r["precision"]]
+    if r["dtype"] == "bfloat16":
+      prec = f"bf16 (+{prec})"
+    lines.append(f"{name:34s} {prec:15s} {r['images_per_s']:7.2f} {r['step_s'] * 1e3:8.1f} "
+                 f"{compile_s:9.1f} {r['peak_bytes'] / 2**30:8.2f} {tflops} {frac} "
+                 f"{r['projected_full_run_min']:12.1f}")
+  lines.append(
+      "img/s: batch / median step; compile s: JAX lower+compile (run ahead in parallel with the "
+      "tests, so an upper bound), torch.compile: first step less a step, eager: 0; peak: JAX "
+      "peak_bytes_in_use / torch max_memory_allocated (CPU: XLA plan / max RSS); TFLOP/s: model "
+      "FLOPs (3x forward, iterfuse_jax.compare) per second; %peak: of the data sheet's dense "
+      "bf16 / TF32 / f32 peak for the row's arithmetic; full run: 100 epochs of the training "
+      "split in whole batches at the median step (no compile, no evaluation).")
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def pipeline_phase(tiny: bool, timeout_s: float, log: pathlib.Path) -> list[dict]:
+  cores = os.cpu_count() or 1
+  if tiny:
+    runs = [("nyud", 48, 64, ["0"], ["--steps", "2", "--warmup", "1", "--num-train", "4",
+                                     "--batch-size", "2"])]
+  else:
+    workers = ["0", str(max(1, cores - 2))]
+    runs = [("nyud", 480, 640, workers, ["--steps", "20", "--warmup", "3", "--num-train", "32"]),
+            ("pascal", 512, 512, workers, ["--steps", "20", "--warmup", "3",
+                                           "--num-train", "32"])]
+  results = []
+  start = time.perf_counter()
+  for dataset, h, w, workers, extra in runs:
+    left = timeout_s - (time.perf_counter() - start)
+    if left < 15:
+      results.append({"dataset": dataset, "error": "out of time budget"})
+      continue
+    cmd = [sys.executable, "-m", "benchmarks.input_pipeline", "--dataset", dataset,
+           "--height", str(h), "--width", str(w), "--workers", *workers, *extra]
+    rc, out = run_limited(cmd, left, child_env(JAX_PLATFORMS="cpu"), log)
+    rates = [dict(zip(("workers", "images_per_s"), (int(m[0]), float(m[1]))))
+             for m in re.findall(r"workers=(\d+): ([\d.]+) images/s", out)]
+    row = {"dataset": dataset, "height": h, "width": w, "cores": cores, "rates": rates}
+    if rc != 0:
+      tail = [l for l in out.strip().splitlines() if l.strip()][-1:] or [""]
+      row["error"] = ("timed out" if rc is None else tail[0][:300])
+    results.append(row)
+  return results
+
+
+def format_pipeline(rows: list[dict], bench: list[dict]) -> str:
+  lines = []
+  for p in rows:
+    if "skipped_phase" in p:
+      return f"input pipeline: not run ({p['skipped_phase']})"
+    need = [r["images_per_s"] for r in bench if r.get("dataset") == p["dataset"]
+            and r.get("framework") == "jax" and "images_per_s" in r and r.get("group") != "fullres"]
+    text = ", ".join(f"{r['images_per_s']:.1f} images/s with {r['workers']} workers"
+                     for r in p.get("rates", []))
+    line = (f"input pipeline {p['dataset']} {p.get('height')}x{p.get('width')} "
+            f"({p.get('cores')} cores): {text or '-'}")
+    if need and p.get("rates"):
+      best = max(r["images_per_s"] for r in p["rates"])
+      line += (f"; fastest JAX step needs {max(need):.1f} -> "
+               f"{'keeps ahead' if best >= max(need) else 'FALLS BEHIND'}")
+    if "error" in p:
+      line += f"; ERROR {p['error']}"
+    lines.append(line)
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check",
+                                   description=__doc__.split("\n", maxsplit=1)[0])
+  parser.add_argument("outdir")
+  parser.add_argument("--tiny", action="store_true",
+                      help="dry run: tiny shapes, CPU tests, no torch.compile rows on a CPU")
+  parser.add_argument("--budget-s", type=float, default=530.0,
+                      help="the whole run's time budget (the device tool allows 600 s)")
+  parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated: {PHASES}")
+  parser.add_argument("--groups", default=",".join(GROUPS),
+                      help=f"benchmark row groups, comma-separated: {GROUPS}")
+  parser.add_argument("--rows", default="", help="only these rows: comma-separated labels "
+                      "('JAX bf16') or group-qualified labels ('pascal: JAX bf16')")
+  parser.add_argument("--tests-s", type=float, default=150.0, help="limit of the tests phase")
+  parser.add_argument("--precompile", type=int, default=4,
+                      help="JAX rows compiled ahead in parallel (0: each row compiles itself)")
+  parser.add_argument("--torch-device", choices=("auto", "cpu", "cuda"), default="auto")
+  args = parser.parse_args(argv)
+
+  phases = [p for p in args.phases.split(",") if p]
+  groups = [g for g in args.groups.split(",") if g]
+  bad = [p for p in phases if p not in PHASES] + [g for g in groups if g not in GROUPS]
+  if bad:
+    parser.error(f"unknown phases/groups {bad}; expected phases {PHASES}, groups {GROUPS}")
+  outdir = pathlib.Path(args.outdir)
+  outdir.mkdir(parents=True, exist_ok=True)
+  clock = Clock(args.budget_s)
+  results: dict = {"argv": list(argv or sys.argv[1:]), "tiny": args.tiny}
+  summary: list[str] = []
+
+  def save():
+    (outdir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    (outdir / "summary.txt").write_text("\n".join(summary) + "\n")
+
+  def say(text: str):
+    summary.append(text)
+    print(text, flush=True)
+    save()
+
+  say(f"gpu_check {' '.join(results['argv'])}: budget {args.budget_s:.0f} s")
+  if "env" in phases:
+    env = env_phase(min(90.0, clock.left()), measure_peak=not args.tiny)
+    results["env"] = env
+    say(format_env(env))
+  env = results.get("env", {})
+  model = gpu_model(env)
+  measured = env.get("torch", {}).get("measured_matmul_tflops")
+  peaks = DATASHEET_TFLOPS.get(model) if model else None
+  results["peak_tflops"] = {"gpu": model, "datasheet_dense": peaks, "measured_matmul": measured}
+  if peaks:
+    say(f"peak (data sheet, {model}, dense): " + ", ".join(f"{k} {v:g}" for k, v in peaks.items())
+        + " TFLOP/s")
+
+  profile_dir = tempfile.mkdtemp(prefix="iterfuse_profile_")
+  rows = [r for r in plan(args.tiny, profile_dir, args.torch_device) if r.group in groups]
+  if args.rows:
+    wanted = {w.strip() for w in args.rows.split(",") if w.strip()}
+    rows = [r for r in rows if r.label in wanted or _key(r) in wanted]
+    if not rows:
+      parser.error(f"--rows {args.rows!r} names no planned row")
+  if "bench" not in phases:
+    rows = []
+  cache_dir = tempfile.mkdtemp(prefix="iterfuse_jax_cache_")
+  row_env = child_env(JAX_COMPILATION_CACHE_DIR=cache_dir,
+                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  compile_env = dict(row_env, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    # Bounded: leaving this block waits for it.
+    flops_future = (start_flops_count(rows, min(240.0, max(30.0, clock.left() - 60)), pool)
+                    if rows else None)
+    # The tests and the ahead-of-time compilations share the first minutes.
+    tests_deadline = min(args.tests_s, max(0.0, clock.left() - 200))
+    precompile_future = None
+    if rows and args.precompile > 0:
+      precompile_future = pool.submit(precompile, rows, compile_env, tests_deadline + 30,
+                                      args.precompile, outdir / "rows.log")
+    if "tests" in phases:
+      targets_ = TINY_TESTS if args.tiny else GPU_TESTS
+      tests = tests_phase(targets_, tests_deadline, outdir / "tests.log",
+                          "cpu" if args.tiny else "gpu")
+    else:
+      tests = {"skipped_phase": "not asked for (--phases)"}
+    results["tests"] = tests
+    say(format_tests(tests))
+    precompiled = precompile_future.result() if precompile_future else {}
+    results["precompile"] = precompiled
+    if precompiled:
+      say("precompiled JAX rows: " + ", ".join(
+          f"{k} {v['compile_s']:.0f} s" if "compile_s" in v else f"{k} ({v.get('error')})"
+          for k, v in precompiled.items()))
+
+    reserve = 45.0 if "pipeline" in phases else 5.0
+    if flops_future is not None:  # its CPU work must not overlap the timed rows
+      concurrent.futures.wait([flops_future], timeout=min(30.0, max(0.0, clock.left() - 100)))
+    bench = run_rows(rows, clock, row_env, outdir / "rows.log", reserve,
+                     allow_torch_compile=not args.tiny)
+    flops = {}
+    if flops_future is not None:
+      try:
+        flops = flops_future.result(timeout=max(1.0, clock.left() - reserve))
+      except concurrent.futures.TimeoutError:
+        flops = {"error": "the FLOP count did not finish in time"}
+    results["model_flops"] = flops
+    derive(bench, flops, peaks, precompiled)
+    results["bench"] = bench
+    if rows:
+      say(format_table(bench))
+      for line in targets(bench, args.tiny):
+        say(line)
+      say(full_resolution_verdict(bench))
+      for r in bench:
+        if "profile_error" in r:
+          say(f"profile of {_key(Row(r['group'], r['label'], None, 0, 0))} failed: "
+              f"{r['profile_error']}")
+      profiled = next((r for r in bench if "profile" in r), None)
+      if profiled:
+        from benchmarks import profile_summary  # pylint: disable=g-import-not-at-top
+        say(f"profile of {profiled['group']}: {profiled['label']}:\n"
+            + profile_summary.format_summary(profiled["profile"]))
+
+  if "pipeline" in phases:
+    left = clock.left()
+    pipeline = (pipeline_phase(args.tiny, left, outdir / "pipeline.log") if left > 15
+                else [{"skipped_phase": "out of time budget"}])
+    results["pipeline"] = pipeline
+    say(format_pipeline(pipeline, results.get("bench", [])))
+  say(f"gpu_check done in {clock.elapsed():.0f} s; files in {outdir}")
+  failed = [r for r in results.get("bench", []) if "error" in r
+            and not (r.get("impl") == "materialized" and r.get("scale") == 1)]
+  return 1 if failed or results.get("tests", {}).get("failed") else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

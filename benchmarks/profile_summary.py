@@ -1,0 +1,113 @@
+"""Top XLA operations by time in a `jax.profiler` trace, read without TensorFlow or TensorBoard.
+
+`jax.profiler.trace(dir)` writes `plugins/profile/<run>/<host>.xplane.pb`; jaxlib's own reader
+(`jax.profiler.ProfileData`) opens it. Every event that XLA annotated with the HLO operation it
+ran (an `hlo_op` statistic) counts: on a GPU the kernels on the device's streams, on a CPU the
+thunks of the host's XLA threads. Events are summed per HLO operation and per kind of operation
+(the name without its ".N" suffix: "fusion", "cudnn-conv-bw-filter", "gemm_fusion", ...), divided
+by the number of profiled steps.
+
+  python -m benchmarks.profile_summary /tmp/trace --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import pathlib
+import re
+import sys
+from collections.abc import Sequence
+
+
+def _xplane_files(directory: str | pathlib.Path) -> list[pathlib.Path]:
+  return sorted(pathlib.Path(directory).glob("**/*.xplane.pb"))
+
+
+def _kind(op: str) -> str:
+  return re.sub(r"(\.\d+)+$", "", op)
+
+
+def summarize(directory: str | pathlib.Path, steps: int = 1, top: int = 15,
+              module_contains: str = "train_step") -> dict:
+  """{"source", "ms_per_step", "top_ops", "top_kinds"} of the newest trace under `directory`.
+
+  Device planes (a GPU's) are used when they hold annotated events, else the host's. Events of
+  the modules whose name contains `module_contains` count when there are any, else all.
+  """
+  from jax.profiler import ProfileData  # pylint: disable=g-import-not-at-top
+
+  files = _xplane_files(directory)
+  if not files:
+    raise FileNotFoundError(f"no *.xplane.pb under {directory}: was jax.profiler.trace run?")
+  path = max(files, key=lambda p: p.stat().st_mtime)
+  data = ProfileData.from_file(str(path))
+  events = {"device": [], "host": []}
+  for plane in data.planes:
+    where = "device" if plane.name.startswith("/device:") else "host"
+    for line in plane.lines:
+      for event in line.events:
+        stats = dict(event.stats)
+        op = stats.get("hlo_op")
+        if op:
+          events[where].append((str(op), str(stats.get("hlo_module", "")), event.name,
+                                float(event.duration_ns)))
+  source = "device" if events["device"] else "host"
+  chosen = events[source]
+  in_module = [e for e in chosen if module_contains and module_contains in e[1]]
+  chosen = in_module or chosen
+  per_op = collections.defaultdict(lambda: [0.0, 0, ""])
+  per_kind = collections.defaultdict(lambda: [0.0, 0])
+  for op, _, name, ns in chosen:
+    per_op[op][0] += ns
+    per_op[op][1] += 1
+    per_op[op][2] = per_op[op][2] or name
+    per_kind[_kind(op)][0] += ns
+    per_kind[_kind(op)][1] += 1
+  total = sum(v[0] for v in per_op.values()) or 1.0
+  steps = max(1, steps)
+
+  def rows(table, with_kernel):
+    out = []
+    for name, values in sorted(table.items(), key=lambda kv: -kv[1][0])[:top]:
+      row = {"name": name, "ms_per_step": values[0] / 1e6 / steps,
+             "percent": 100.0 * values[0] / total, "events_per_step": values[1] / steps}
+      if with_kernel and values[2] != name:
+        row["kernel"] = values[2][:120]
+      out.append(row)
+    return out
+
+  return {"source": f"{source} events with an hlo_op ({path.name})",
+          "ms_per_step": total / 1e6 / steps, "events": len(chosen),
+          "top_ops": rows(per_op, True), "top_kinds": rows(per_kind, False)}
+
+
+def format_summary(summary: dict) -> str:
+  lines = [(f"profile: {summary['ms_per_step']:.2f} ms of annotated XLA work per step "
+            f"({summary['source']})"), f"{'ms/step':>9s} {'%':>6s}  top operation kinds"]
+  lines += [f"{r['ms_per_step']:9.3f} {r['percent']:6.1f}  {r['name']}"
+            for r in summary["top_kinds"]]
+  lines.append(f"{'ms/step':>9s} {'%':>6s}  top operations")
+  lines += [f"{r['ms_per_step']:9.3f} {r['percent']:6.1f}  {r['name']}"
+            + (f"  [{r['kernel']}]" if "kernel" in r else "") for r in summary["top_ops"]]
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_summary",
+                                   description=__doc__.split("\n", maxsplit=1)[0])
+  parser.add_argument("directory")
+  parser.add_argument("--steps", type=int, default=1, help="profiled steps (for per-step times)")
+  parser.add_argument("--top", type=int, default=15)
+  parser.add_argument("--json", default="")
+  args = parser.parse_args(argv)
+  summary = summarize(args.directory, args.steps, args.top)
+  print(format_summary(summary))
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps(summary, indent=1))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,179 @@
+"""benchmarks/gpu_check (the GPU visit) dry-run on the CPU, its arithmetic, and its helpers.
+
+The GPU visit happens in a later session with a few device minutes: everything it runs is run
+here first at tiny shapes, through the same shell script, so that it cannot rot.
+"""
+
+import json
+import pathlib
+import subprocess
+import sys
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import gpu_check, gpu_image, profile_summary
+from benchmarks.train_step import Setting
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_plan_puts_the_nyud_comparison_first_at_the_paper_shapes():
+  rows = gpu_check.plan(tiny=False, profile_dir="/tmp/p")
+  first = rows[0]
+  assert (first.group, first.label, first.setting.framework) == ("nyud", "JAX bf16", "jax")
+  assert first.setting.profile_dir == "/tmp/p"
+  assert [r.setting.profile_dir for r in rows[1:]] == [""] * (len(rows) - 1)
+  nyud = [r.setting for r in rows if r.group == "nyud"]
+  assert {(s.height, s.width, s.batch, s.n_iter, s.variant, s.task_channels, s.scale)
+          for s in nyud} == {(480, 640, 8, 18, "C", 270, 2)}
+  pascal = [r.setting for r in rows if r.group == "pascal"]
+  assert {(s.height, s.width, s.batch, s.n_iter) for s in pascal} == {(512, 512, 8, 4)}
+  full = {r.setting.impl: r.setting for r in rows if r.group == "fullres"}
+  assert set(full) == {"streamed", "materialized"}
+  assert all(s.scale == 1 and s.batch == 8 and s.height == 480 for s in full.values())
+  # Each side at its best and in float32, and torch.compile, in the NYUD group.
+  kinds = {(s.framework, s.dtype, s.torch_mode, s.precision) for s in nyud}
+  assert {("jax", "bfloat16", "eager", "tf32"), ("torch", "bfloat16", "eager", "tf32"),
+          ("jax", "float32", "eager", "tf32"), ("torch", "float32", "eager", "tf32"),
+          ("torch", "bfloat16", "compile", "tf32"),
+          ("torch", "float32", "compile", "tf32")} <= kinds
+  assert {(r.setting.framework, r.setting.precision) for r in rows if r.group == "fp32"} == {
+      ("jax", "fp32"), ("torch", "fp32")}
+  assert len({gpu_check._key(r) for r in rows}) == len(rows)  # pylint: disable=protected-access
+
+
+def _row(label, framework, images_per_s, dtype="bfloat16", mode="eager", group="nyud", **kw):
+  setting = Setting(framework=framework, impl="materialized", dataset="nyud", height=480,
+                    width=640, batch=8, n_iter=18, variant="C", task_channels=270, dtype=dtype,
+                    steps=10, warmup=2, precision="tf32", torch_mode=mode, **kw)
+  out = {**setting.__dict__, "group": group, "label": label}
+  if images_per_s:
+    out.update(images_per_s=images_per_s, step_s=8 / images_per_s, compile_s=30.0,
+               peak_bytes=2**30)
+  return out
+
+
+def test_derive_and_targets_arithmetic():
+  rows = [_row("JAX bf16", "jax", 80.0), _row("PT eager bf16", "torch", 30.0),
+          _row("PT compile bf16", "torch", 100.0, mode="compile"),
+          _row("JAX f32", "jax", 40.0, dtype="float32"),
+          {**_row("PT eager f32", "torch", None), "error": "boom"}]
+  key = gpu_check.flops_key(Setting(**{k: rows[0][k] for k in Setting.__dataclass_fields__}))
+  flops = {key: {"forward_gflops_per_image": 500.0}}
+  gpu_check.derive(rows, flops, gpu_check.DATASHEET_TFLOPS["H100 SXM"],
+                   {"nyud: JAX bf16": {"compile_s": 42.0}})
+  jax_row = rows[0]
+  assert jax_row["precompile_s"] == 42.0
+  assert jax_row["model_tflop_per_step"] == pytest.approx(3 * 500 * 8 / 1e3)
+  assert jax_row["model_tflops"] == pytest.approx(12.0 / 0.1)
+  assert jax_row["fraction_of_peak"] == pytest.approx(120.0 / 989.4)
+  assert rows[3]["fraction_of_peak"] == pytest.approx(60.0 / 494.7)  # float32 in TF32
+  # NYUD: 795 // 8 = 99 steps per epoch, 100 epochs.
+  assert jax_row["full_run_steps"] == 9900
+  assert jax_row["projected_full_run_min"] == pytest.approx(9900 * 0.1 / 60)
+  assert "model_tflops" not in rows[4]
+  lines = gpu_check.targets(rows, tiny=False)
+  assert "JAX >= 2x PyTorch eager: 2.67x" in lines[1] and lines[1].endswith("met")
+  assert "JAX >= 1x torch.compile: 0.80x" in lines[2] and lines[2].endswith("MISSED")
+  assert "16.5 min projected" in lines[3] and lines[3].endswith("MISSED")
+  table = gpu_check.format_table(rows)
+  assert "nyud: PT eager f32" in table and "FAILED: boom" in table
+  assert "12.1%" in table  # 120 of 989.4 TFLOP/s
+
+
+def test_full_resolution_verdict():
+  streamed = _row("s", "jax", 2.0, group="fullres", scale=1)
+  streamed["impl"] = "streamed"
+  hint = ("IFBOutOfMemoryError: out of device memory (...) Set model.tpim.ifb_impl=streamed "
+          "(launch.py ...)")
+  failed = {**_row("m", "jax", None, group="fullres", scale=1), "error": hint}
+  text = gpu_check.full_resolution_verdict([streamed, failed])
+  assert "streamed: ran at batch 8" in text and "as required" in text
+  assert "materialized: failed with the hint, as required" in text
+  bare = {**failed, "error": "JaxRuntimeError: RESOURCE_EXHAUSTED"}
+  assert "WITHOUT the hint" in gpu_check.full_resolution_verdict([bare])
+
+
+def test_profile_summary_reads_a_real_trace(tmp_path):
+  f = jax.jit(lambda x: jnp.tanh(x @ x).sum())
+  x = jnp.ones((256, 256))
+  f(x).block_until_ready()
+  with jax.profiler.trace(str(tmp_path)):
+    for _ in range(2):
+      f(x).block_until_ready()
+  summary = profile_summary.summarize(tmp_path, steps=2, module_contains="")
+  assert summary["events"] >= 2 and summary["ms_per_step"] > 0
+  assert summary["top_ops"] and sum(r["percent"] for r in summary["top_ops"]) <= 100.0 + 1e-6
+  assert "top operations" in profile_summary.format_summary(summary)
+  with pytest.raises(FileNotFoundError, match="no \\*.xplane.pb"):
+    profile_summary.summarize(tmp_path / "empty")
+
+
+def _fake_wheel(path, name, requires):
+  with zipfile.ZipFile(path, "w") as z:
+    meta = "\n".join(["Metadata-Version: 2.1", f"Name: {name}", "Version: 1.0",
+                      *[f"Requires-Dist: {r}" for r in requires]]) + "\n"
+    z.writestr(f"{name}-1.0.dist-info/METADATA", meta)
+  return path
+
+
+def test_missing_requirements_against_the_image(tmp_path):
+  _fake_wheel(tmp_path / "demo-1.0-py3-none-any.whl", "demo", [
+      "numpy", "ml-collections", "not-on-the-image", "jax>=0.12", "torch<3",
+      'tensorflow; extra == "tf"', 'backport; python_version < "3.9"'])
+  _fake_wheel(tmp_path / "ml_collections-1.0-py3-none-any.whl", "ml_collections", ["absl-py"])
+  missing = gpu_image.missing_requirements(sorted(tmp_path.glob("*.whl")))
+  assert missing["ml_collections-1.0-py3-none-any.whl"] == []
+  problems = missing["demo-1.0-py3-none-any.whl"]
+  assert len(problems) == 2, problems
+  assert "not-on-the-image (not in the image, not carried)" in problems[0]
+  assert "jax>=0.12 (the image has jax 0.11.2)" in problems[1]
+
+
+def test_gpu_wheels_list_pins_every_line():
+  lines = [l.split("#")[0].strip() for l in
+           (REPO_ROOT / "benchmarks" / "gpu_wheels.txt").read_text().splitlines()]
+  specs = [l for l in lines if l]
+  assert specs and all(l.count("==") == 1 for l in specs), specs
+  names = [gpu_image.normalize(l.split("==")[0]) for l in specs]
+  assert len(set(names)) == len(names)
+  assert not set(names) & gpu_image.IMAGE_PACKAGES  # carried only what the image lacks
+  assert {"ml-collections", "clu"} <= set(names)
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_through_the_shell_script(tmp_path):
+  """The visit's command at tiny shapes on the CPU: every phase, one JAX and one PyTorch row."""
+  out = tmp_path / "out"
+  env = {**gpu_check.child_env(), "PYTHON": sys.executable, "JAX_PLATFORMS": "cpu",
+         "JAX_DISABLE_MOST_OPTIMIZATIONS": "1", "OMP_NUM_THREADS": "1"}
+  done = subprocess.run(
+      ["bash", str(REPO_ROOT / "benchmarks" / "gpu_check.sh"), str(out), "--tiny",
+       "--rows", "nyud: JAX bf16,nyud: PT eager f32 TF32,nyud: PT compile bf16",
+       "--precompile", "1", "--torch-device", "cpu"],
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
+  assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+  assert {p.name for p in out.iterdir()} <= {"summary.txt", "results.json", "tests.log",
+                                             "rows.log", "pipeline.log", "console.log"}
+  summary = (out / "summary.txt").read_text()
+  results = json.loads((out / "results.json").read_text())
+  assert results["tests"]["passed"] > 0 and results["tests"]["failed"] == 0
+  rows = {r["label"]: r for r in results["bench"]}
+  assert set(rows) == {"JAX bf16", "PT eager f32 TF32", "PT compile bf16"}
+  for label in ("JAX bf16", "PT eager f32 TF32"):
+    assert rows[label]["images_per_s"] > 0 and rows[label]["model_tflops"] > 0, rows[label]
+    assert rows[label]["projected_full_run_min"] > 0
+  assert rows["JAX bf16"]["matmul_precision"] == "jax_default_matmul_precision=tensorfloat32"
+  assert rows["JAX bf16"]["precompile_s"] > 0
+  assert rows["PT compile bf16"]["skipped"] == "torch.compile rows are not run on a CPU dry run"
+  assert rows["JAX bf16"]["profile"]["top_ops"], "the first JAX row is profiled"
+  for text in ("tests (ITERFUSE_TEST_PLATFORM=cpu", "nyud: JAX bf16", "targets (tiny dry-run",
+               "JAX >= 2x PyTorch eager", "profile of nyud: JAX bf16", "input pipeline nyud 48x64",
+               "gpu_check done in"):
+    assert text in summary, text
+  assert "keeps ahead" in summary or "FALLS BEHIND" in summary
+  assert results["pipeline"][0]["rates"][0]["images_per_s"] > 0
+  assert "gpu_check.sh: exit 0" in (out / "console.log").read_text()
