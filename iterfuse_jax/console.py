@@ -129,9 +129,9 @@ class _ProgressLines:
   def __init__(self, total: int, initial: int, desc: str, enabled: bool, every_s: float = 30.0):
     self.total, self.n, self.desc = total, initial, desc
     self.enabled, self.every_s = enabled, every_s
-    self._initial = initial
     self._postfix = ""
     self._start = self._last = time.monotonic()
+    self._first: tuple[float, int] | None = None  # after the first update (compilation)
 
   def set_postfix(self, values: dict[str, str], refresh: bool = False) -> None:
     del refresh
@@ -140,6 +140,8 @@ class _ProgressLines:
   def update(self, n: int = 1) -> None:
     self.n += n
     now = time.monotonic()
+    if self._first is None:
+      self._first = (now, self.n)
     if (self.total is not None and self.n >= self.total) or now - self._last >= self.every_s:
       self._last = now
       self._print(now)
@@ -148,8 +150,9 @@ class _ProgressLines:
     if not self.enabled:
       return
     elapsed = now - self._start
-    done = self.n - self._initial
-    eta = elapsed / done * (self.total - self.n) if done and self.total else float("nan")
+    # The rate since the first update leaves out the compilation of the first step.
+    since, done = now - self._first[0], self.n - self._first[1]
+    eta = since / done * (self.total - self.n) if done and self.total else float("nan")
     text = (f"{self.desc} {self.n}/{self.total or '?'} "
             f"[{_clock(elapsed)} elapsed, ETA {_clock(eta)}]")
     print(text + (f" {self._postfix}" if self._postfix else ""), file=sys.stderr, flush=True)
