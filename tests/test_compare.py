@@ -129,7 +129,8 @@ def test_the_table_uses_the_best_or_the_last_evaluation_as_asked(tmp_path, capsy
 
   (workdir / "metrics_best.json").unlink()  # a run from before the best evaluation was recorded
   assert compare.main([str(workdir), "--no-cost", "--out", str(out)]) == 1
-  assert "metrics_best.json not found" in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert "metrics_best.json not found" in err and "use --checkpoint last" in err
 
 
 def _tiny_iterfuse(n_iter):
