@@ -6,16 +6,25 @@
   python launch.py --config configs/nyud_ifbC.py --workdir /tmp/nyud_ifbC --mode eval
 
 Any config field can be overridden with `--config.<key>=<value>`; unknown keys are errors.
-A killed run started again with the same workdir resumes from its last checkpoint.
+A killed run started again with the same command resumes from its last checkpoint; on a finished
+workdir the command prints the final metrics. Library logs go to <workdir>/log.txt (`-v 0` shows
+them on the console too).
+
+Multi-host (or one process per GPU): start the same command in every process, with
+  --distributed                     on a cluster JAX recognises (SLURM, Open MPI, Kubernetes, TPU),
+                                    which then tells each process its rank;
+  --coordinator_address=HOST:PORT --num_processes=N --process_id=I [--local_device_ids=I]
+                                    anywhere else (JAX_COORDINATOR_ADDRESS and
+                                    JAX_LOCAL_DEVICE_IDS are read when the flags are absent).
+The workdir (and data folder) must be on a filesystem every process sees.
 """
 
+import errno
 import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 FLAGS = flags.FLAGS
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
@@ -24,33 +33,93 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
                           "eval: evaluate a checkpoint of the workdir.")
 _CHECKPOINT = flags.DEFINE_enum("checkpoint", "latest", ["latest", "best"],
                                 "Which checkpoint --mode=eval evaluates.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
-                                 "Call jax.distributed.initialize() (multi-host runs).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False,
+    "Multi-process run: jax.distributed.initialize() takes what the flags below leave unset "
+    "from the cluster's environment (SLURM, Open MPI, Kubernetes, Cloud TPU).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "HOST:PORT where process 0 serves the coordination (implies --distributed; default "
+    "$JAX_COORDINATOR_ADDRESS, else the cluster's).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Number of processes (implies --distributed).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "This process's rank in [0, num_processes).")
+_LOCAL_DEVICE_IDS = flags.DEFINE_list(
+    "local_device_ids", None,
+    "Local accelerator ids this process uses, e.g. 0 (default $JAX_LOCAL_DEVICE_IDS, else all).")
 config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()).",
                                 lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
+
+# Errors of the filesystem that the user must act on (space, permissions, a path that is a file).
+_FILESYSTEM_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                      errno.ENOTDIR, errno.EISDIR)
+
+
+def _filesystem_error(error: BaseException) -> OSError | None:
+  """The OSError of `_FILESYSTEM_ERRNOS` behind `error` (itself, its cause or context), if any."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in _FILESYSTEM_ERRNOS:
+      return error
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def _initialize_distributed() -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+
+  jax.distributed.initialize(
+      coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+      process_id=_PROCESS_ID.value,
+      local_device_ids=([int(i) for i in _LOCAL_DEVICE_IDS.value]
+                        if _LOCAL_DEVICE_IDS.value else None))
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  verbose = FLAGS["verbosity"].present
+  from iterfuse_jax import console  # pylint: disable=g-import-not-at-top
+
+  console.quiet_console(verbose)  # before TensorFlow is imported
+  if _DISTRIBUTED.value or any(
+      flag.value is not None for flag in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)):
+    _initialize_distributed()
   import jax  # pylint: disable=g-import-not-at-top
 
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()
-  from iterfuse_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = _WORKDIR.value
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    log_path = console.configure_logging(workdir, verbose, jax.process_index())
+  except OSError as e:
+    sys.exit(f"error: cannot write to the workdir {workdir}: {e.strerror or e}")
+  logging.info("Command line: %s", " ".join(sys.argv))
+  logging.info("JAX process %d/%d, local devices: %s; logging to %s", jax.process_index(),
+               jax.process_count(), jax.local_devices(), log_path)
 
-  logging.info("JAX process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
-               jax.local_devices())
+  from iterfuse_jax import checkpoints, train  # pylint: disable=g-import-not-at-top
+
   try:
     if _MODE.value == "train":
-      train.train_and_evaluate(FLAGS.config, _WORKDIR.value)
+      train.train_and_evaluate(FLAGS.config, workdir)
     else:
-      train.evaluate_checkpoint(FLAGS.config, _WORKDIR.value, which=_CHECKPOINT.value)
-  except (FileNotFoundError, train.NonFiniteLossError) as e:
-    # What the user must act on (missing data or checkpoint, a diverged run): the message, not a
-    # traceback through the library.
+      train.evaluate_checkpoint(FLAGS.config, workdir, which=_CHECKPOINT.value)
+  except (FileNotFoundError, train.NonFiniteLossError, train.WorkdirError,
+          checkpoints.CheckpointError) as e:
+    # What the user must act on (missing data or checkpoint, a diverged run, damaged
+    # checkpoints): the message, not a traceback through the library.
+    logging.info("Stopped:", exc_info=True)  # the traceback, in the log file
     sys.exit(f"error: {e}")
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    cause = _filesystem_error(e)
+    if cause is None:
+      raise
+    logging.info("Stopped:", exc_info=True)  # the traceback, in the log file
+    where = f": {cause.filename}" if cause.filename else f" (in the workdir {workdir})"
+    sys.exit(f"error: {cause.strerror or cause}{where}")
 
 
 if __name__ == "__main__":

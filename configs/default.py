@@ -63,7 +63,12 @@ def get_config(dataset: str = "nyud") -> ml_collections.ConfigDict:
   config.stl_references = PAPER_STL_REFERENCES[dataset]
 
   config.log_every_steps = 20
-  config.eval_every_steps = -1  # -1: once per epoch
+  # Evaluations: at the end of each of the last `eval_last_epochs` epochs (the survey code's
+  # choice: it reports the best of those by Delta_m), every `eval_every_steps` steps (0: never,
+  # -1: once per epoch), and always after the last step. metrics.json holds the last one,
+  # metrics_best.json the best one (highest Delta_m).
+  config.eval_every_steps = 0
+  config.eval_last_epochs = 10
   config.checkpoint_every_steps = -1  # -1: once per epoch
   config.keep_checkpoints = 3
   # How predictions reach the original image size before scoring: "survey" (segmentation argmax

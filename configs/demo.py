@@ -3,12 +3,19 @@
 `python launch.py --config configs/demo.py --workdir /tmp/iterfuse_demo` writes the synthetic
 dataset into the workdir if it is absent, trains, evaluates, and leaves TensorBoard logs,
 checkpoints, prediction images and a metrics table there.
+
+`--config configs/demo.py:tiny` is the same run shrunk to seconds (48x64 images, 8 channels, two
+IFB iterations, 12 steps): what the tests and the notebook's quick mode train, and a smoke test
+of an installation.
 """
 
 from configs import default
 
 
-def get_config():
+def get_config(variant: str = ""):
+  """The demo config; `variant` "tiny" gives the seconds-long version."""
+  if variant not in ("", "tiny"):
+    raise ValueError(f"configs/demo.py: unknown variant {variant!r}; expected '' or 'tiny'")
   config = default.get_config("nyud")
   config.dataset.data_dir = ""  # "" here: <workdir>/data/NYUD_MT_synthetic
   config.dataset.train_size = (96, 128)
@@ -26,7 +33,21 @@ def get_config():
   config.num_epochs = 30
   config.optimizer.learning_rate = 2e-3
   config.eval_every_steps = 80
+  config.eval_last_epochs = 3
   config.checkpoint_every_steps = 40
   config.log_every_steps = 10
+  if variant == "tiny":
+    size = (48, 64)
+    config.dataset.train_size = config.dataset.eval_size = config.dataset.eval_label_size = size
+    config.synthetic_data.update(num_train=8, num_val=4, height=size[0], width=size[1])
+    config.model.task_channels = 8
+    config.model.tpim.n_iter = 2
+    config.batch_size = 4
+    config.num_epochs = 6  # 2 steps per epoch: 12 steps
+    config.eval_every_steps = 0
+    config.eval_last_epochs = 3  # steps 8, 10, 12
+    config.checkpoint_every_steps = 3  # mid-epoch checkpoints
+    config.log_every_steps = 2
+    config.num_eval_images = 2
   config.lock()
   return config

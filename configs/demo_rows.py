@@ -38,7 +38,7 @@ def get_config(arg: str = "ifbC"):
   config.model.initial_blocks = small.model.initial_blocks
   config.optimizer = small.optimizer
   for key in ("batch_size", "num_epochs", "num_train_steps", "eval_every_steps",
-              "checkpoint_every_steps", "log_every_steps"):
+              "eval_last_epochs", "checkpoint_every_steps", "log_every_steps"):
     config[key] = small[key]
   config.lock()
   return config

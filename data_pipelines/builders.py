@@ -191,7 +191,10 @@ def prepare(builder: tfds.core.DatasetBuilder, data_dir: str) -> tfds.core.Datas
     stored = None
     if os.path.isfile(stored_path):
       with open(stored_path, encoding="utf-8") as f:
-        stored = json.load(f)
+        try:
+          stored = json.load(f)
+        except json.JSONDecodeError:  # a run killed while writing it: prepare again
+          stored = None
     if stored == fingerprint:
       return builder
     logging.warning("The prepared copy %s does not match %s (changed or another folder); "
@@ -200,10 +203,16 @@ def prepare(builder: tfds.core.DatasetBuilder, data_dir: str) -> tfds.core.Datas
     builder = type(builder)(data_dir=builder.data_dir_root, config=builder.builder_config.name,
                             file_format=FILE_FORMAT)
   READERS[dataset].check_root(data_dir)
+  if os.path.isdir(os.fspath(builder.data_dir)) and not builder.is_prepared():
+    # What a run killed while preparing or deleting a copy left: tfds would not rename its new
+    # copy onto it.
+    shutil.rmtree(os.fspath(builder.data_dir))
   builder.download_and_prepare(
       file_format=FILE_FORMAT,
       download_config=tfds.download.DownloadConfig(
           manual_dir=data_dir, try_download_gcs=False))
-  with open(stored_path, "w", encoding="utf-8") as f:
+  # Written whole or not at all: a run killed meanwhile prepares the copy again.
+  with open(stored_path + ".tmp", "w", encoding="utf-8") as f:
     json.dump(fingerprint, f, indent=2)
+  os.replace(stored_path + ".tmp", stored_path)
   return builder

@@ -86,9 +86,37 @@ def _with_workers(ds: grain.IterDataset, cfg: ml_collections.ConfigDict) -> grai
       num_workers=workers, per_worker_buffer_size=int(cfg.get("worker_buffer_size", 2))))
 
 
-def _split_seed(seed: int, shard_index: int) -> int:
-  """A 32-bit augmentation seed per host, so that hosts draw independent augmentations."""
-  return int(np.random.SeedSequence([seed, shard_index]).generate_state(1)[0])
+def _augment_seed(seed: int) -> int:
+  """The 32-bit seed of the augmentation rngs (each record's rng also depends on its position)."""
+  return int(np.random.SeedSequence([seed, 0]).generate_state(1)[0])
+
+
+class _HostShare(grain.MapDataset):
+  """One host's share of a stream of global batches: of every `global_batch` consecutive
+  elements, the `host_batch` elements starting at `shard_index * host_batch`.
+
+  Only the elements of this host are read and transformed; batching the result by `host_batch`
+  gives this host's part of each global batch.
+  """
+
+  def __init__(self, parent: grain.MapDataset, global_batch: int, host_batch: int,
+               shard_index: int):
+    super().__init__(parent)
+    self._global_batch, self._host_batch = global_batch, host_batch
+    self._offset = shard_index * host_batch
+
+  def __len__(self) -> int:
+    return len(self._parent) // self._global_batch * self._host_batch
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    batch, position = divmod(index, self._host_batch)
+    return self._parent[batch * self._global_batch + self._offset + position]
+
+  def __str__(self) -> str:
+    return (f"_HostShare(global_batch={self._global_batch}, host_batch={self._host_batch}, "
+            f"offset={self._offset})")
 
 
 def create_train_dataset(cfg: ml_collections.ConfigDict, global_batch_size: int, seed: int, *,
@@ -96,10 +124,12 @@ def create_train_dataset(cfg: ml_collections.ConfigDict, global_batch_size: int,
                          num_epochs: int | None = None) -> grain.IterDataset:
   """The training pipeline of this host.
 
-  Each host reads every `shard_count`-th example (starting at `shard_index`) of the train split,
-  reshuffles its part every epoch with `seed`, augments each record with an rng derived from the
-  seed and the record's position, and batches `global_batch_size // shard_count` examples,
-  dropping each epoch's incomplete batch.
+  The global stream is the same whatever the number of hosts: the train split is reshuffled every
+  epoch with `seed`, each epoch's incomplete global batch is dropped, and each record is augmented
+  with an rng derived from the seed and the record's position in the stream. Each host reads and
+  transforms only its `global_batch_size // shard_count` examples of every global batch (host
+  `shard_index` takes the `shard_index`-th part), so the hosts' batches put together are the
+  batches of a single host.
 
   Args:
     cfg: the dataset config.
@@ -119,18 +149,18 @@ def create_train_dataset(cfg: ml_collections.ConfigDict, global_batch_size: int,
                      f"{shard_count} hosts")
   batch_size = global_batch_size // shard_count
   source = load_source(cfg, cfg.train_split)
-  per_host = len(source) // shard_count
-  ds = grain.MapDataset.source(source)[shard_index:per_host * shard_count:shard_count]
-  keep = per_host // batch_size * batch_size
+  keep = len(source) // global_batch_size * global_batch_size
   if keep == 0:
-    raise ValueError(f"the {cfg.train_split} split has {len(source)} examples, {per_host} per "
-                     f"host: fewer than one batch of {batch_size}")
+    raise ValueError(f"the {cfg.train_split} split has {len(source)} examples: fewer than one "
+                     f"global batch of {global_batch_size}")
   # Shuffle, then keep whole batches of each epoch; slicing a shuffled dataset keeps the per-epoch
   # reshuffle of `repeat`.
-  ds = ds.shuffle(seed=seed)[:keep].repeat(num_epochs)
+  ds = grain.MapDataset.source(source).shuffle(seed=seed)[:keep].repeat(num_epochs)
   ds = ds.random_map(
       transforms.TrainTransform(cfg.tasks, cfg.train_size, augment_params(cfg)),
-      seed=_split_seed(seed, shard_index))
+      seed=_augment_seed(seed))
+  if shard_count > 1:
+    ds = _HostShare(ds, global_batch_size, batch_size, shard_index)
   ds = ds.batch(batch_size, drop_remainder=True)
   return _with_workers(ds.to_iter_dataset(_read_options(cfg)), cfg)
 
@@ -153,10 +183,12 @@ class EvalBatches:
     self.num_examples = len(range(shard_index, total, shard_count))
     # Every host runs the same number of batches, whatever its share of the remainder.
     self.num_batches = math.ceil(math.ceil(total / shard_count) / batch_size)
-    ds = grain.MapDataset.source(source)[shard_index:total:shard_count]
-    ds = ds.map(transforms.EvalTransform(cfg.tasks, cfg.eval_size, cfg.eval_label_size))
+    transform = transforms.EvalTransform(cfg.tasks, cfg.eval_size, cfg.eval_label_size)
+    ds = grain.MapDataset.source(source)[shard_index:total:shard_count].map(transform)
     self._dataset = _with_workers(
         ds.batch(batch_size, drop_remainder=False).to_iter_dataset(_read_options(cfg)), cfg)
+    # The split's first example gives the padding batches of a host whose share is empty.
+    self._first = grain.MapDataset.source(source)[:1].map(transform).batch(1)
 
   def __len__(self) -> int:
     return self.num_batches
@@ -168,6 +200,8 @@ class EvalBatches:
       template = batch
       count += 1
       yield self._pad(batch)
+    if template is None and count < self.num_batches:  # this host's share is empty
+      template = self._first[0]
     while count < self.num_batches:  # a host whose share ran out early
       count += 1
       yield self._pad({k: v[:0] for k, v in template.items()}, template)

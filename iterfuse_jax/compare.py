@@ -3,7 +3,11 @@
   python -m iterfuse_jax.compare /runs/nyud_stl /runs/nyud_mtl /runs/nyud_ifbC --out table.md
 
 Each workdir must hold what `iterfuse_jax.train.train_and_evaluate` writes there: `config.json`
-(the run's config) and `metrics.json` (the final evaluation: flat {"semseg/miou": 35.0, ...}).
+(the run's config) and the metrics of its best and last evaluations (`metrics_best.json`,
+`metrics.json`: flat {"semseg/miou": 35.0, ...}; see `iterfuse_jax.evaluations`). Like the survey
+code, the table reports each run's best evaluation (highest Delta_m among those of the last
+epochs) unless `--checkpoint last` asks for the evaluation after the final step; the table says
+which.
 Runs are grouped by dataset and task set, one Markdown table per group, in the paper's form: model,
 the headline metric of every task (mIoU %, depth RMSE m, saliency maxIoU %), Delta_m (%) and the
 model's parameter count and GFLOPs.
@@ -35,11 +39,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from iterfuse_jax import metrics
+from iterfuse_jax import evaluations, metrics
 from iterfuse_jax.inference import CONFIG_FILE
 from iterfuse_jax import tasks as task_registry
 
-METRICS_FILE = "metrics.json"
+CHECKPOINT_TEXT = {
+    "best": "each run's best evaluation (highest Δm; {file}), as the survey code reports",
+    "last": "each run's last evaluation (after the final step; {file})",
+}
 
 # Column titles as the paper prints them.
 TASK_TITLES = {"semseg": "SemSeg", "depth": "Depth", "human_parts": "PartSeg", "sal": "Sal"}
@@ -69,10 +76,11 @@ class Run:
   """One finished experiment: its workdir, config and final metrics."""
 
   def __init__(self, workdir: pathlib.Path, config: ml_collections.ConfigDict,
-               results: Mapping[str, float]):
+               results: Mapping[str, float], metrics_file: str = evaluations.BEST_FILE):
     self.workdir = workdir
     self.config = config
     self.results = dict(results)
+    self.metrics_file = metrics_file
 
   @property
   def dataset(self) -> str:
@@ -120,29 +128,36 @@ class Run:
     try:
       return metrics.headline_metrics(self.results, self.tasks)
     except ValueError as e:
-      raise CompareError(f"{self.workdir / METRICS_FILE}: {e}") from None
+      raise CompareError(f"{self.workdir / self.metrics_file}: {e}") from None
 
 
-def _read_json(path: pathlib.Path, what: str) -> Any:
+def _read_json(path: pathlib.Path, what: str, hint: str = "") -> Any:
   if not path.is_file():
     raise CompareError(f"{path} not found: every workdir needs the {what} that training writes "
                        f"there (run `python launch.py --config ... --workdir {path.parent}` "
-                       "to the end first)")
+                       f"to the end first){hint}")
   try:
     return json.loads(path.read_text())
   except json.JSONDecodeError as e:
     raise CompareError(f"{path} is not valid JSON: {e}") from None
 
 
-def load_run(workdir: str | pathlib.Path) -> Run:
-  """Reads `config.json` and `metrics.json` of a workdir; raises CompareError naming the file."""
+def load_run(workdir: str | pathlib.Path, checkpoint: str = "best") -> Run:
+  """Reads `config.json` and the metrics of the best (`metrics_best.json`) or the last
+  (`metrics.json`) evaluation of a workdir; raises CompareError naming the file."""
+  if checkpoint not in evaluations.METRICS_FILES:
+    raise CompareError(f"checkpoint must be one of {sorted(evaluations.METRICS_FILES)}, got "
+                       f"{checkpoint!r}")
+  metrics_file = evaluations.METRICS_FILES[checkpoint]
   workdir = pathlib.Path(workdir)
   if not workdir.is_dir():
     raise CompareError(f"workdir {workdir} does not exist")
   config_dict = _read_json(workdir / CONFIG_FILE, "config")
-  results = _read_json(workdir / METRICS_FILE, "final metrics")
+  hint = ("; a run trained before best and last were both recorded has only metrics.json: "
+          "use --checkpoint last" if checkpoint == "best" else "")
+  results = _read_json(workdir / metrics_file, f"metrics of the {checkpoint} evaluation", hint)
   if not isinstance(results, dict):
-    raise CompareError(f"{workdir / METRICS_FILE} must hold a JSON object of metric -> number")
+    raise CompareError(f"{workdir / metrics_file} must hold a JSON object of metric -> number")
   for key in ("dataset", "model"):
     if key not in config_dict:
       raise CompareError(f"{workdir / CONFIG_FILE} has no {key!r} block")
@@ -154,8 +169,8 @@ def load_run(workdir: str | pathlib.Path) -> Run:
   bad = {k: v for k, v in results.items()
          if not isinstance(v, (int, float)) or isinstance(v, bool)}
   if bad:
-    raise CompareError(f"{workdir / METRICS_FILE}: non-numeric values {bad}")
-  return Run(workdir, config, results)
+    raise CompareError(f"{workdir / metrics_file}: non-numeric values {bad}")
+  return Run(workdir, config, results, metrics_file)
 
 
 # ----------------------------------------------------------------------------- size and cost
@@ -252,13 +267,16 @@ def choose_stl(runs: Sequence[Run], dataset: str, tasks: tuple[str, ...],
 
 
 def comparison_table(runs: Sequence[Run], stl_workdir: str | None = None,
-                     costs: Mapping[str, tuple[int, float | None]] | None = None) -> str:
+                     costs: Mapping[str, tuple[int, float | None]] | None = None,
+                     checkpoint: str = "best") -> str:
   """Markdown tables (one per dataset and task set) of the runs in the paper's form.
 
   Args:
-    runs: the finished runs; rows follow the paper's order of models, then the input order.
+    runs: the finished runs (`load_run(..., checkpoint)`); rows follow the paper's order of
+      models, then the input order.
     stl_workdir: which STL run is the Delta_m reference when several are given.
     costs: cost key (`_cost_key`) -> (parameters, GFLOPs); rows without an entry print "—".
+    checkpoint: which evaluation the runs' metrics are ("best" or "last"), said under each table.
 
   Returns:
     The Markdown text.
@@ -303,9 +321,10 @@ def comparison_table(runs: Sequence[Run], stl_workdir: str | None = None,
              "—" if params is None else f"{params / 1e6:.2f}",
              "—" if gflops is None else f"{gflops:.1f}",
              f"`{run.workdir.name}`"]) + " |")
-    lines += ["", f"Δm against {source}. Metrics: mIoU (%) for SemSeg/PartSeg, RMSE (m) for "
-              "Depth, maxIoU (%) for Sal. GFLOPs: one image at the training size, "
-              "multiply-add = 2 FLOPs."]
+    which = CHECKPOINT_TEXT[checkpoint].format(file=evaluations.METRICS_FILES[checkpoint])
+    lines += ["", f"Metrics of {which}. Δm against {source}. Metrics: mIoU (%) for "
+              "SemSeg/PartSeg, RMSE (m) for Depth, maxIoU (%) for Sal. GFLOPs: one image at the "
+              "training size, multiply-add = 2 FLOPs."]
     sections.append("\n".join(lines))
   return "\n\n".join(sections) + "\n"
 
@@ -328,21 +347,25 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m iterfuse_jax.compare",
       description="Markdown comparison table (metrics, Delta_m, params, GFLOPs) of finished "
-                  "runs; each WORKDIR holds the config.json and metrics.json training wrote.")
+                  "runs; each WORKDIR holds the config.json and metrics files training wrote.")
   parser.add_argument("workdirs", nargs="+", metavar="WORKDIR")
   parser.add_argument("--out", default="comparison.md",
                       help="file the table is written to (default: %(default)s)")
   parser.add_argument("--stl", default=None, metavar="WORKDIR",
                       help="the STL run to measure Delta_m against, when several are given")
+  parser.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                      help="each run's best evaluation (highest Delta_m, as the survey code "
+                           "reports; metrics_best.json) or its last (metrics.json) "
+                           "(default: %(default)s)")
   parser.add_argument("--no-flops", action="store_true",
                       help="skip the GFLOPs (parameters are still counted)")
   parser.add_argument("--no-cost", action="store_true",
                       help="skip parameters and GFLOPs (no model is built)")
   args = parser.parse_args(argv)
   try:
-    runs = [load_run(w) for w in args.workdirs]
+    runs = [load_run(w, args.checkpoint) for w in args.workdirs]
     costs = {} if args.no_cost else compute_costs(runs, flops=not args.no_flops)
-    table = comparison_table(runs, args.stl, costs)
+    table = comparison_table(runs, args.stl, costs, args.checkpoint)
   except CompareError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -3,16 +3,20 @@
 Data parallel over a 1-D device mesh ("data"): the global batch is sharded over all devices of all
 hosts, parameters and optimiser state are replicated, and `jax.jit` inserts the collectives, so
 BatchNorm statistics and gradients are those of the global batch. The same code runs on 1 device
-and on N.
+and on N, in one process or in several (multi-host: each process reads its part of every global
+batch; process 0 alone writes the data, the config, metrics, pictures and TensorBoard files, and
+the others wait at a barrier until the data it prepares is there).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import json
 import logging
+import os
 import time
-from typing import Any, Callable, Mapping
+import warnings
+from typing import Any, Callable, Iterator, Mapping
 
 import flax
 import jax
@@ -20,15 +24,19 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from clu import parameter_overview  # TensorFlow-free, unlike clu's metric writers
 from etils import epath
 from flax.training import train_state
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 # The step functions, the optimiser and the train state import without TensorFlow, grain or tfds
 # (a GPU image has none of them): the data pipeline, the checkpoints (grain's iterator state) and
 # clu's metric writers (TensorFlow summaries) are imported where the loop uses them.
-from iterfuse_jax import (eval_resizing, inference, losses, metrics, out_of_memory,
-                          visualization)
+from data_pipelines import io_utils  # numpy and PIL only
+from iterfuse_jax import (console, eval_resizing, evaluations, inference, losses, metrics,
+                          out_of_memory, visualization)
+from iterfuse_jax import tasks as task_registry
 from iterfuse_jax.models import build_model, initialization
 
 PyTree = Any
@@ -50,6 +58,10 @@ class TrainState(train_state.TrainState):
 
 class NonFiniteLossError(FloatingPointError):
   pass
+
+
+class WorkdirError(RuntimeError):
+  """The workdir cannot be created or written; the message names it and why."""
 
 
 # ----------------------------------------------------------------------------- optimiser
@@ -200,7 +212,11 @@ def load_pretrained_backbone(state: TrainState, path: str, variant: str,
 
 
 def prepare_synthetic_data(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
-  """Writes the synthetic dataset the config asks for, unless it is already there."""
+  """Writes the synthetic dataset the config asks for, unless it is already there (process 0).
+
+  The files are written to `<data_dir>.incomplete` and the folder renamed when all are there, so
+  a run killed meanwhile writes them again instead of reading half a dataset.
+  """
   from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
 
   syn = config.synthetic_data
@@ -209,13 +225,43 @@ def prepare_synthetic_data(config: ml_collections.ConfigDict, workdir: epath.Pat
     folder = {"nyud": "NYUD_MT_synthetic", "pascal": "PASCAL_MT_synthetic"}[name]
     config.dataset.data_dir = str(workdir / "data" / folder)
   data_dir = epath.Path(config.dataset.data_dir)
-  if data_dir.exists():
+  if data_dir.exists() or jax.process_index() > 0:
     return
-  if jax.process_index() == 0:
-    writer = {"nyud": synthetic.write_nyud, "pascal": synthetic.write_pascal}[name]
-    logging.info("Writing synthetic %s data to %s", name, data_dir)
-    writer(str(data_dir), num_train=syn.num_train, num_val=syn.num_val, seed=syn.seed,
-           height=syn.height, width=syn.width)
+  writer = {"nyud": synthetic.write_nyud, "pascal": synthetic.write_pascal}[name]
+  console.line(f"Writing the synthetic {name} dataset to {data_dir}")
+  incomplete = data_dir.parent / (data_dir.name + ".incomplete")
+  if incomplete.exists():
+    incomplete.rmtree()
+  writer(str(incomplete), num_train=syn.num_train, num_val=syn.num_val, seed=syn.seed,
+         height=syn.height, width=syn.width)
+  incomplete.rename(data_dir)
+
+
+def check_workdir(workdir: epath.Path) -> None:
+  """Creates the workdir and checks that a file can be written there.
+
+  Raises:
+    WorkdirError: it cannot (the message names the path and the reason).
+  """
+  probe = workdir / f".write_test.{os.getpid()}"
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe.write_text("ok")
+    probe.unlink()
+  except OSError as e:
+    raise WorkdirError(f"cannot write to the workdir {workdir}: {e.strerror or e}") from e
+
+
+@contextlib.contextmanager
+def main_process_first(name: str) -> Iterator[None]:
+  """Process 0 runs the block first (one-time work: writing or preparing data); the others wait
+  at a barrier and run it after (then only reading what process 0 made)."""
+  multi = jax.process_count() > 1
+  if multi and jax.process_index() > 0:
+    multihost_utils.sync_global_devices(name)
+  yield
+  if multi and jax.process_index() == 0:
+    multihost_utils.sync_global_devices(name)
 
 
 def shard_batch(batch: Batch, sharding: NamedSharding) -> dict[str, jax.Array]:
@@ -230,15 +276,14 @@ def shard_batch(batch: Batch, sharding: NamedSharding) -> dict[str, jax.Array]:
 
 
 def evaluate(state: TrainState, jitted_eval: Callable, eval_batches, sharding: NamedSharding,
-             num_batches: int | None = None) -> dict[str, float]:
+             num_batches: int | None = None, desc: str = "eval") -> dict[str, float]:
   """Runs the eval steps over all eval batches and returns the computed metrics."""
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-
   merged = None
-  for batch in tqdm(eval_batches, total=num_batches, desc="eval", leave=False,
-                    disable=jax.process_index() > 0):
-    update = jitted_eval(state, shard_batch(batch, sharding))
-    merged = update if merged is None else merged.merge(update)
+  with console.progress(total=num_batches, desc=desc, unit="batch", leave=False) as bar:
+    for batch in eval_batches:
+      update = jitted_eval(state, shard_batch(batch, sharding))
+      merged = update if merged is None else merged.merge(update)
+      bar.update(1)
   if merged is None:
     raise ValueError("the evaluation split yielded no batch")
   return {name: float(value) for name, value in merged.compute().items()}
@@ -300,6 +345,25 @@ def save_prediction_images(images: Mapping[str, np.ndarray], directory: epath.Pa
 # ----------------------------------------------------------------------------- main loop
 
 
+def eval_schedule(total_steps: int, epoch_steps: int, every_steps: int,
+                  last_epochs: int) -> list[int]:
+  """The steps after which a run evaluates.
+
+  Every `every_steps` steps (-1: at the end of every epoch, 0: never), at the end of each of the
+  last `last_epochs` epochs, and after the final step.
+  """
+  if every_steps < -1 or last_epochs < 0:
+    raise ValueError(f"eval_every_steps must be >= -1 and eval_last_epochs >= 0, got "
+                     f"{every_steps} and {last_epochs}")
+  steps = {total_steps}
+  every = epoch_steps if every_steps == -1 else every_steps
+  if every > 0:
+    steps.update(range(every, total_steps + 1, every))
+  first = total_steps - last_epochs * epoch_steps
+  steps.update(s for s in range(epoch_steps, total_steps + 1, epoch_steps) if s > first)
+  return sorted(steps)
+
+
 def _check_finite(state: TrainState, last_saved: int | None, workdir: epath.Path) -> None:
   bad = int(jax.device_get(state.nonfinite_step))
   if bad >= 0:
@@ -310,27 +374,89 @@ def _check_finite(state: TrainState, last_saved: int | None, workdir: epath.Path
         "optimizer.learning_rate or check the input data.")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (resuming from the workdir's last checkpoint if any) and evaluates.
+def _headline_text(results: Mapping[str, float], tasks: tuple[str, ...]) -> str:
+  """"semseg mIoU 16.81, depth rmse 0.6031, delta_m -40.12%"."""
+  parts = [f"{task} {task_registry.get_task(task).metric} {value:.4g}"
+           for task, value in metrics.headline_metrics(results, tasks).items()]
+  return ", ".join(parts + [f"delta_m {results['delta_m']:+.2f}%"])
 
-  Returns the final evaluation metrics (with "delta_m").
+
+def _write_parameter_table(params: PyTree, workdir: epath.Path) -> str:
+  """Writes the parameter table to <workdir>/parameters.txt; returns a one-line summary."""
+  path = workdir / "parameters.txt"
+  if jax.process_index() == 0:
+    path.write_text(parameter_overview.get_parameter_overview(params) + "\n")
+  leaves = jax.tree.leaves(params)
+  count = sum(int(np.prod(x.shape)) for x in leaves)
+  size = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in leaves)
+  return f"{count:,} parameters ({size / 1e6:.1f} MB); the table is in {path}"
+
+
+def _finish(record: evaluations.Evaluations, total_steps: int, title: str,
+            workdir: epath.Path) -> dict[str, float]:
+  """Writes and prints the metrics of the last and the best evaluation; returns the last."""
+  if jax.process_index() == 0:
+    table = record.write_reports(total_steps, title)
+    console.line()
+    console.line(table)
+    console.line()
+    best = record.best_step()
+    console.line(f"Metrics:     {workdir / evaluations.LAST_FILE} (last), "
+                 f"{workdir / evaluations.BEST_FILE} (best, step {best})")
+    console.line(f"Checkpoints: {workdir / 'checkpoints'} (latest), {workdir / 'best'} (best)")
+    console.line(f"Pictures:    {workdir / 'predictions'}")
+    console.line(f"Logs:        {console.log_file(workdir, 0)}; "
+                 f"tensorboard --logdir {workdir}")
+  return record[total_steps]
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (resuming from the workdir's newest readable checkpoint, if any) and evaluates.
+
+  Evaluates at the steps of `eval_schedule`, keeps the best state (highest Delta_m) in best/ and
+  reports the last and the best evaluation (`iterfuse_jax.evaluations`). On a workdir whose run
+  is finished it only reports them. In a multi-host run, process 0 writes the data, the prepared
+  dataset, the config, metrics, pictures and TensorBoard files; every process trains.
+
+  Returns the metrics of the evaluation after the final step (with "delta_m").
   """
   # pylint: disable=g-import-not-at-top
-  from clu import metric_writers, parameter_overview, periodic_actions
+  from clu import metric_writers, periodic_actions
   from data_pipelines import pipeline as data_pipeline
-  from iterfuse_jax.checkpoints import RunCheckpoints
+  from iterfuse_jax.checkpoints import RunCheckpoints, committed_steps
   # pylint: enable=g-import-not-at-top
   workdir = epath.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  main = jax.process_index() == 0
   config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy; data_dir may be filled
-  if config.synthetic_data.enabled:
-    prepare_synthetic_data(config, workdir)
-  if jax.process_index() == 0:
-    # What `iterfuse_jax.inference.load_predictor` and the comparison table read back.
-    (workdir / inference.CONFIG_FILE).write_text(
-        config.to_json_best_effort(indent=2, sort_keys=True))
+  if main:
+    check_workdir(workdir)
   tasks = tuple(config.dataset.tasks)
   dataset = config.dataset.name
+  with main_process_first("iterfuse: dataset ready"), warnings.catch_warnings():
+    if config.synthetic_data.enabled:
+      prepare_synthetic_data(config, workdir)
+      # Its splits are small by design, not a truncated download.
+      warnings.simplefilter("ignore", io_utils.SplitSizeWarning)
+    with console.library_output():  # tensorflow-datasets prints while it prepares the copy
+      num_train = data_pipeline.num_examples(config.dataset, config.dataset.train_split)
+  if main:
+    # What `iterfuse_jax.inference.load_predictor` and the comparison table read back.
+    evaluations.write_atomic(workdir / inference.CONFIG_FILE,
+                             config.to_json_best_effort(indent=2, sort_keys=True))
+
+  epoch_steps = steps_per_epoch(num_train, config.batch_size)
+  total_steps = (config.num_train_steps if config.num_train_steps > 0
+                 else config.num_epochs * epoch_steps)
+  eval_steps = set(eval_schedule(total_steps, epoch_steps, config.eval_every_steps,
+                                 config.get("eval_last_epochs", 0)))
+  ckpt_every = (config.checkpoint_every_steps if config.checkpoint_every_steps > 0
+                else epoch_steps)
+  title = f"{config.model.name} on {dataset} ({', '.join(tasks)})"
+  record = evaluations.Evaluations(workdir)
+  if (total_steps in record
+      and committed_steps(workdir / "checkpoints")[-1:] == [total_steps]):
+    console.line(f"{workdir} holds the finished run of {title} ({total_steps} steps).")
+    return _finish(record, total_steps, title, workdir)
 
   mesh = create_mesh(config.num_devices)
   data_sharding = NamedSharding(mesh, PartitionSpec("data"))
@@ -338,14 +464,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.batch_size % mesh.size:
     raise ValueError(f"batch_size {config.batch_size} is not divisible by the {mesh.size} "
                      "devices of the mesh")
-
-  epoch_steps = steps_per_epoch(
-      data_pipeline.num_examples(config.dataset, config.dataset.train_split), config.batch_size)
-  total_steps = (config.num_train_steps if config.num_train_steps > 0
-                 else config.num_epochs * epoch_steps)
-  eval_every = config.eval_every_steps if config.eval_every_steps > 0 else epoch_steps
-  ckpt_every = (config.checkpoint_every_steps if config.checkpoint_every_steps > 0
-                else epoch_steps)
 
   train_loader = data_pipeline.create_train_dataset(
       config.dataset, config.batch_size, config.seed, shard_index=jax.process_index(),
@@ -365,14 +483,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if restored is not None:
     state, start_step = restored
   last_saved = start_step if restored is not None else None
+  if start_step > total_steps:
+    raise ValueError(f"the newest checkpoint in {workdir / 'checkpoints'} is of step "
+                     f"{start_step}, beyond this config's {total_steps} steps; evaluate it with "
+                     "--mode eval or train in another workdir")
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = metric_writers.create_default_writer(workdir, just_logging=not main)
   if start_step == 0:
     writer.write_hparams(_flat_hparams(config))
-    parameter_overview.log_parameter_overview(state.params)
-  logging.info("Training %s on %s (%s) for %d steps (%d per epoch) on %d devices, from step %d",
-               config.model.name, dataset, ",".join(tasks), total_steps, epoch_steps,
-               mesh.size, start_step)
+  devices = f"{mesh.size} {mesh.devices.flat[0].platform.upper()} device(s)"
+  if jax.process_count() > 1:
+    devices += f" in {jax.process_count()} processes"
+  console.line(f"Training {title}: {total_steps} steps of batch {config.batch_size} "
+               f"({epoch_steps} per epoch) on {devices}, in {workdir}"
+               + (f"; resuming from step {start_step}" if start_step else ""))
+  console.line(f"Model: {_write_parameter_table(state.params, workdir)}")
+  logging.info("Training %s for %d steps (%d per epoch) on %s, from step %d; evaluations at "
+               "steps %s", title, total_steps, epoch_steps, devices, start_step,
+               sorted(eval_steps))
 
   state_sharding = jax.tree.map(lambda _: replicated, state)
   jitted_train = jax.jit(
@@ -383,85 +511,101 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # An out-of-memory error of the materialized IFB names the streamed option.
   jitted_train = out_of_memory.with_hint(jitted_train, config)
   metrics_cls = metrics.make_eval_metrics(tasks, dataset)
+  # Replicated results: every host computes the same metrics and takes the same decisions.
   jitted_eval = jax.jit(functools.partial(eval_step, tasks=tasks, metrics_cls=metrics_cls,
-                                          resize_order=config.eval_resize))
-  jitted_predict = jax.jit(predict_step)
+                                          resize_order=config.eval_resize),
+                        out_shardings=replicated)
+  jitted_predict = jax.jit(predict_step, out_shardings=replicated)
 
   hooks = []
-  if jax.process_index() == 0:
+  if main:
     hooks.append(periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                                  every_steps=config.log_every_steps))
     if config.profile_steps > 0:
       hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps,
                                             logdir=str(workdir), first_profile=start_step + 2))
 
-  def run_eval(step: int) -> dict[str, float]:
+  def run_eval(step: int) -> None:
+    """Evaluates the state of `step` unless the record has it (an evaluation done before the
+    run was killed): metrics to TensorBoard and the record, pictures, the best checkpoint."""
+    if step in record:
+      return
     eval_batches = create_eval_batches(config)
     results = add_delta_m(
-        evaluate(state, jitted_eval, eval_batches, data_sharding, len(eval_batches)),
-        config, tasks)
+        evaluate(state, jitted_eval, eval_batches, data_sharding, len(eval_batches),
+                 desc=f"eval @ {step}"), config, tasks)
     writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
     first = next(iter(eval_batches))
     images = summary_images(state, jitted_predict, first, tasks, dataset,
                             config.num_eval_images, data_sharding)
     writer.write_images(step, {f"eval/{k}": v for k, v in images.items()})
-    if jax.process_index() == 0:
+    if main:
       save_prediction_images(images, workdir / "predictions")
-    checkpoints.save_best(step, state, results["delta_m"])
+    record.add(step, results)
+    best = record.is_best(step)
+    if best:  # saved before the record, so that a recorded best always has its checkpoint
+      checkpoints.save_best(step, state, results["delta_m"])
+    if main:
+      record.write()
+    console.line(f"eval @ step {step}: {_headline_text(results, tasks)}"
+                 + (" (best so far)" if best and len(record) > 1 else ""))
     logging.info("Eval at step %d: %s", step, results)
-    return results
 
+  if start_step in eval_steps:  # killed between the save and the evaluation of this step
+    run_eval(start_step)
   train_metrics = []
   last_log_time, last_log_step = time.time(), start_step
-  results = None
-  for step in range(start_step + 1, total_steps + 1):
-    with jax.profiler.StepTraceAnnotation("train", step_num=step):
-      batch = shard_batch(next(train_iter), data_sharding)
-      state, step_metrics = jitted_train(state, batch)
-    train_metrics.append(step_metrics)
-    for hook in hooks:
-      hook(step)
+  with console.progress(total=total_steps, initial=start_step, desc="train") as bar:
+    for step in range(start_step + 1, total_steps + 1):
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        batch = shard_batch(next(train_iter), data_sharding)
+        state, step_metrics = jitted_train(state, batch)
+      train_metrics.append(step_metrics)
+      for hook in hooks:
+        hook(step)
 
-    last = step == total_steps
-    log_now = last or step % config.log_every_steps == 0
-    save_now = last or step % ckpt_every == 0
-    eval_now = last or step % eval_every == 0
-    if log_now or save_now or eval_now:
-      # Nothing is logged, saved or evaluated from a state past a non-finite step.
-      _check_finite(state, last_saved, workdir)
-    if log_now:
-      summary = {k: float(np.mean([m[k] for m in jax.device_get(train_metrics)]))
-                 for k in train_metrics[0]}
-      elapsed = time.time() - last_log_time
-      summary["images_per_second"] = (step - last_log_step) * config.batch_size / elapsed
-      writer.write_scalars(step, summary)
-      train_metrics = []
-      last_log_time, last_log_step = time.time(), step
+      log_now = step == total_steps or step % config.log_every_steps == 0
+      save_now = step == total_steps or step % ckpt_every == 0
+      eval_now = step in eval_steps
+      if log_now or save_now or eval_now:
+        # Nothing is logged, saved or evaluated from a state past a non-finite step.
+        _check_finite(state, last_saved, workdir)
+      if log_now:
+        summary = {k: float(np.mean([m[k] for m in jax.device_get(train_metrics)]))
+                   for k in train_metrics[0]}
+        elapsed = time.time() - last_log_time
+        summary["images_per_second"] = (step - last_log_step) * config.batch_size / elapsed
+        writer.write_scalars(step, summary)
+        bar.set_postfix({"loss": f"{summary['loss/total']:.3f}",
+                         "img/s": f"{summary['images_per_second']:.1f}"}, refresh=False)
+        train_metrics = []
+        last_log_time, last_log_step = time.time(), step
+      bar.update(1)
 
-    if save_now:
-      checkpoints.save(step, state, train_iter)
-      last_saved = step
-    if eval_now:
-      results = run_eval(step)
-    writer.flush()
+      if save_now:
+        checkpoints.save(step, state, train_iter)
+        last_saved = step
+      if eval_now:
+        run_eval(step)
+      writer.flush()
 
-  if results is None:  # resumed at (or beyond) the final step: evaluate what is there
-    results = run_eval(max(start_step, total_steps))
-  table = results_table(results, f"{config.model.name} on {dataset}, step {total_steps}")
-  print(table)
-  if jax.process_index() == 0:
-    (workdir / "metrics.json").write_text(json.dumps(results, indent=2, sort_keys=True))
-    (workdir / "metrics.md").write_text(table + "\n")
   writer.flush()
   checkpoints.close()
-  return results
+  return _finish(record, total_steps, title, workdir)
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         which: str = "latest") -> dict[str, float]:
   """Evaluates the latest (or best) checkpoint of a workdir; prints and returns the metrics."""
-  from iterfuse_jax.checkpoints import RunCheckpoints  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from iterfuse_jax.checkpoints import RunCheckpoints, committed_steps
   workdir = epath.Path(workdir)
+  if which not in ("latest", "best"):
+    raise ValueError(f"which must be 'latest' or 'best', got {which!r}")
+  folder = workdir / ("checkpoints" if which == "latest" else "best")
+  if not committed_steps(folder):
+    raise FileNotFoundError(f"no {which} checkpoint in {folder}; train first (the same command "
+                            "without --mode eval)")
   config = ml_collections.ConfigDict(config.to_dict())
   config.model.pretrained = ""  # the checkpoint holds every weight
   if config.synthetic_data.enabled and not config.dataset.data_dir:
@@ -474,15 +618,16 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   tx = create_optimizer(config, lambda step: 0.0)
   state = create_train_state(config.copy_and_resolve_references(), model, tx,
                              jax.random.key(0), (1, h, w, 3), mesh)
-  checkpoints = RunCheckpoints(workdir, config.keep_checkpoints)
+  checkpoints = RunCheckpoints(workdir, config.keep_checkpoints, read_only=True)
   state, step = checkpoints.restore_state(state, which)
   metrics_cls = metrics.make_eval_metrics(tasks, config.dataset.name)
   jitted_eval = jax.jit(functools.partial(eval_step, tasks=tasks, metrics_cls=metrics_cls,
-                                          resize_order=config.eval_resize))
+                                          resize_order=config.eval_resize),
+                        out_shardings=NamedSharding(mesh, PartitionSpec()))
   eval_batches = create_eval_batches(config)
   results = add_delta_m(evaluate(state, jitted_eval, eval_batches, data_sharding,
                                  len(eval_batches)), config, tasks)
-  print(results_table(results, f"{which} checkpoint (step {step}) of {workdir}"))
+  console.line(results_table(results, f"{which} checkpoint (step {step}) of {workdir}"))
   checkpoints.close()
   return results
 

@@ -1,9 +1,17 @@
-"""Writes quickstart.ipynb from the cells below (edit here, then run this file; outputs stay empty).
+"""Writes quickstart.ipynb from the cells below (edit here, then run this file).
 
-  python notebooks/make_quickstart.py
+  python notebooks/make_quickstart.py                                # cells only, no outputs
+  python notebooks/make_quickstart.py --execute /tmp/iterfuse_demo   # with the outputs (pictures)
+                                                                     # of a run on that workdir
+
+The committed notebook carries the outputs of an execution on the README's demo workdir, so that
+its pictures show without running it.
 """
 
+import argparse
+import os
 import pathlib
+import sys
 
 import nbformat
 
@@ -14,14 +22,14 @@ From a trained workdir (by default the demo run of the README, `/tmp/iterfuse_de
 the model's predictions on a validation image, the learned alpha of every Cross-task Interaction
 Block, and what one CIB attends to from one pixel, before and through the Iterative Fusion Block
 (the paper's Fig. 4). If the workdir holds no checkpoint yet, the next cell trains a small model
-into it first (a few minutes on a CPU; set `ITERFUSE_QUICK=1` for a seconds-long toy run)."""),
+into it first (a few minutes on a CPU; set `ITERFUSE_QUICK=1` for a seconds-long toy run,
+`configs/demo.py:tiny`)."""),
     ("code", """import os
 import pathlib
 import sys
 
-import matplotlib
-matplotlib.use("Agg")  # headless-safe; figures still display inline in Jupyter
-import matplotlib.pyplot as plt
+import matplotlib.pyplot as plt  # Jupyter draws the figures inline
+plt.rcParams["figure.dpi"] = 70
 import numpy as np
 
 REPO = pathlib.Path.cwd() if (pathlib.Path.cwd() / "configs").is_dir() else pathlib.Path.cwd().parent
@@ -36,14 +44,8 @@ print("workdir:", WORKDIR)"""),
     from configs import demo
     from iterfuse_jax import train
 
-    config = ml_collections.ConfigDict(demo.get_config().to_dict())
-    if QUICK:  # a toy run for the test suite: tiny images, a handful of steps
-        size = (48, 64)
-        config.dataset.train_size = config.dataset.eval_size = config.dataset.eval_label_size = size
-        config.synthetic_data.update(num_train=8, num_val=4, height=size[0], width=size[1])
-        config.model.task_channels, config.model.tpim.n_iter = 8, 2
-        config.batch_size, config.num_train_steps = 4, 6
-        config.log_every_steps = config.checkpoint_every_steps = config.eval_every_steps = 6
+    # QUICK: a toy run for the test suite (48x64 images, 12 steps).
+    config = demo.get_config("tiny" if QUICK else "")
     train.train_and_evaluate(config, str(WORKDIR))"""),
     ("code", """predictor = models.load_predictor(WORKDIR)
 print(f"{predictor.config.model.name} on {predictor.dataset}, tasks {predictor.tasks}, "
@@ -70,7 +72,8 @@ panels = [("input", image), ("semseg: ground truth", gt_rgb["semseg"]), ("semseg
 for ax, (title, picture) in zip(axes, panels):
     ax.imshow(picture); ax.set_title(title); ax.axis("off")
 fig.tight_layout()
-fig.savefig(WORKDIR / "quickstart_predictions.png", dpi=80)"""),
+fig.savefig(WORKDIR / "quickstart_predictions.png", dpi=80)
+plt.show()"""),
     ("code", """h, w = image.shape[:2]
 pixel = (h // 2, w // 2)
 att = predictor.attention(image, source="depth", target="semseg", pixel=pixel)
@@ -93,19 +96,38 @@ for ax, k in zip(axes[2:], shown):
 for ax in axes:
     ax.axis("off")
 fig.tight_layout()
-fig.savefig(WORKDIR / "quickstart_attention.png", dpi=80)"""),
+fig.savefig(WORKDIR / "quickstart_attention.png", dpi=80)
+plt.show()"""),
 ]
 
 
-def main():
+def execute(nb: nbformat.NotebookNode, workdir: str, timeout: int = 1800) -> None:
+  """Runs the notebook in a fresh kernel on `workdir`, leaving the outputs in `nb`."""
+  import nbclient  # pylint: disable=g-import-not-at-top
+
+  os.environ["ITERFUSE_WORKDIR"] = workdir
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  notebooks = pathlib.Path(__file__).resolve().parent
+  nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                          resources={"metadata": {"path": str(notebooks)}}).execute()
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--execute", metavar="WORKDIR", default=None,
+                      help="run the notebook on this workdir and keep its outputs")
+  args = parser.parse_args(argv)
   nb = nbformat.v4.new_notebook()
   nb.cells = [nbformat.v4.new_markdown_cell(src) if kind == "markdown" else nbformat.v4.new_code_cell(src)
               for kind, src in CELLS]
   nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+  if args.execute:
+    execute(nb, args.execute)
   path = pathlib.Path(__file__).with_name("quickstart.ipynb")
   nbformat.write(nb, path)
-  print("wrote", path)
+  print("wrote", path, f"({path.stat().st_size / 1e3:.0f} kB)")
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

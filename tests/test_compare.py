@@ -31,7 +31,9 @@ def write_run(root, name, config_name, results, **overrides):
   workdir = root / name
   workdir.mkdir()
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-  (workdir / "metrics.json").write_text(json.dumps({**results, "delta_m": -99.0}))
+  # As training leaves it: the last (metrics.json) and the best evaluation (the same here).
+  for name in ("metrics.json", "metrics_best.json"):
+    (workdir / name).write_text(json.dumps({**results, "delta_m": -99.0}))
   return workdir
 
 
@@ -109,6 +111,26 @@ def test_cli_writes_the_table_and_reports_bad_workdirs(tmp_path, capsys):
   partial = write_run(tmp_path, "partial", "nyud_mtl", {"semseg/miou": 30.0})
   assert compare.main([str(partial), "--no-cost", "--out", str(out)]) == 1
   assert "depth/rmse" in capsys.readouterr().err
+
+
+def test_the_table_uses_the_best_or_the_last_evaluation_as_asked(tmp_path, capsys):
+  workdir = write_run(tmp_path, "ifbC", "nyud_ifbC", PAPER_NYUD["ifbC"])  # best: IFB C's numbers
+  (workdir / "metrics.json").write_text(json.dumps({**PAPER_NYUD["mtl"], "delta_m": 0.0}))
+  out = tmp_path / "table.md"
+  assert compare.main([str(workdir), "--no-cost", "--out", str(out)]) == 0  # default: best
+  table = capsys.readouterr().out
+  assert _row(table, "Ours (w/ IFB C)")[2:5] == ["39.1596", "0.6011", "+10.46"]
+  assert "Metrics of each run's best evaluation (highest Δm; metrics_best.json)" in table
+  assert compare.main([str(workdir), "--no-cost", "--checkpoint", "last", "--out", str(out)]) == 0
+  table = capsys.readouterr().out
+  assert _row(table, "Ours (w/ IFB C)")[2:5] == ["35.0475", "0.6679", "-0.47"]
+  assert "Metrics of each run's last evaluation (after the final step; metrics.json)" in table
+  assert out.read_text() == table
+
+  (workdir / "metrics_best.json").unlink()  # a run from before the best evaluation was recorded
+  assert compare.main([str(workdir), "--no-cost", "--out", str(out)]) == 1
+  err = capsys.readouterr().err
+  assert "metrics_best.json not found" in err and "use --checkpoint last" in err
 
 
 def _tiny_iterfuse(n_iter):

@@ -151,6 +151,35 @@ def test_hosts_read_disjoint_examples(dataset):
     pipeline.create_train_dataset(plain, 3, seed=0, shard_count=2)
 
 
+def test_hosts_batches_put_together_are_one_hosts_batches(dataset):
+  """Each host reads its part of every global batch, augmented the same: the global batches do
+  not depend on the number of hosts (a run on 2 hosts is the run on 1 host with 2 devices)."""
+  _, cfg = dataset
+  single = take(iter(pipeline.create_train_dataset(cfg, 4, seed=3)), 5)  # 2.5 epochs
+  hosts = [take(iter(pipeline.create_train_dataset(cfg, 4, seed=3, shard_index=i,
+                                                   shard_count=2)), 5) for i in range(2)]
+  for step, batch in enumerate(single):
+    for key, value in batch.items():
+      np.testing.assert_array_equal(
+          np.concatenate([hosts[0][step][key], hosts[1][step][key]]), value, err_msg=key)
+
+
+def test_a_host_without_eval_examples_yields_padding(dataset):
+  name, cfg = dataset
+  one = make_config(name, cfg.data_dir, max_eval_examples=1)
+  host0, host1 = (list(pipeline.create_eval_dataset(one, 2, shard_index=i, shard_count=2))
+                  for i in range(2))
+  assert len(host0) == len(host1) == 1  # the sharded eval steps line up
+  assert host0[0]["example_mask"].tolist() == [True, False]
+  assert not host1[0]["example_mask"].any()
+  assert host0[0].keys() == host1[0].keys()
+  for key in host0[0]:
+    assert host1[0][key].shape == host0[0][key].shape and host1[0][key].dtype == host0[0][key].dtype
+  for task in cfg.tasks:  # labels of padding are ignored
+    ignore = 0 if task == "depth" else 255
+    assert (host1[0][task] == ignore).all()
+
+
 def test_resume_mid_epoch_equals_uninterrupted(dataset, tmp_path):
   _, cfg = dataset
   reference = take(iter(pipeline.create_train_dataset(cfg, 4, seed=5)), 6)
