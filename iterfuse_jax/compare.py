@@ -7,7 +7,8 @@ Each workdir must hold what `iterfuse_jax.train.train_and_evaluate` writes there
 `metrics.json`: flat {"semseg/miou": 35.0, ...}; see `iterfuse_jax.evaluations`). Like the survey
 code, the table reports each run's best evaluation (highest Delta_m among those of the last
 epochs) unless `--checkpoint last` asks for the evaluation after the final step; the table says
-which.
+which. The STL row's best is per task (each task at the evaluation where its own metric is best,
+from `evaluations.json`), as the survey's separately trained single-task models are selected.
 Runs are grouped by dataset and task set, one Markdown table per group, in the paper's form: model,
 the headline metric of every task (mIoU %, depth RMSE m, saliency maxIoU %), Delta_m (%) and the
 model's parameter count and GFLOPs.
@@ -142,6 +143,33 @@ def _read_json(path: pathlib.Path, what: str, hint: str = "") -> Any:
     raise CompareError(f"{path} is not valid JSON: {e}") from None
 
 
+def stl_best_per_task(workdir: pathlib.Path, config_dict: Mapping) -> dict[str, float]:
+  """The STL run's metrics with each task at its own best evaluation.
+
+  The survey code trains every single-task model separately and keeps each one's best epoch by
+  its own metric; the STL networks of one run are independent, so taking each task's metrics from
+  the evaluation where that task's headline metric is best gives the same choice. Ties go to the
+  earliest evaluation. Reads `evaluations.json`.
+  """
+  try:
+    record = evaluations.Evaluations(workdir)
+  except ValueError as e:
+    raise CompareError(str(e)) from None
+  tasks = tuple(config_dict["dataset"]["tasks"])
+  out = {}
+  for task in tasks:
+    higher = task_registry.get_task(task).higher_is_better
+
+    def headline(step, task=task, higher=higher):
+      value = metrics.headline_metrics(record[step], (task,))[task]
+      return value if higher else -value
+
+    best = max(record.steps, key=lambda step: (headline(step), -step))
+    out.update({k: v for k, v in record[best].items() if k.startswith(f"{task}/")})
+    out[f"best_step/{task}"] = float(best)
+  return out
+
+
 def load_run(workdir: str | pathlib.Path, checkpoint: str = "best") -> Run:
   """Reads `config.json` and the metrics of the best (`metrics_best.json`) or the last
   (`metrics.json`) evaluation of a workdir; raises CompareError naming the file."""
@@ -156,6 +184,9 @@ def load_run(workdir: str | pathlib.Path, checkpoint: str = "best") -> Run:
   hint = ("; a run trained before best and last were both recorded has only metrics.json: "
           "use --checkpoint last" if checkpoint == "best" else "")
   results = _read_json(workdir / metrics_file, f"metrics of the {checkpoint} evaluation", hint)
+  if (checkpoint == "best" and config_dict.get("model", {}).get("name") == "stl"
+      and (workdir / evaluations.EVALUATIONS_FILE).exists()):
+    results, metrics_file = stl_best_per_task(workdir, config_dict), evaluations.EVALUATIONS_FILE
   if not isinstance(results, dict):
     raise CompareError(f"{workdir / metrics_file} must hold a JSON object of metric -> number")
   for key in ("dataset", "model"):
@@ -322,6 +353,8 @@ def comparison_table(runs: Sequence[Run], stl_workdir: str | None = None,
              "—" if gflops is None else f"{gflops:.1f}",
              f"`{run.workdir.name}`"]) + " |")
     which = CHECKPOINT_TEXT[checkpoint].format(file=evaluations.METRICS_FILES[checkpoint])
+    if any(run.metrics_file == evaluations.EVALUATIONS_FILE for run in group):
+      which += " (STL: each task at its own best evaluation, from evaluations.json)"
     lines += ["", f"Metrics of {which}. Δm against {source}. Metrics: mIoU (%) for "
               "SemSeg/PartSeg, RMSE (m) for Depth, maxIoU (%) for Sal. GFLOPs: one image at the "
               "training size, multiply-add = 2 FLOPs."]

@@ -188,3 +188,29 @@ def test_demo_rows_config(arg, dataset, model):
 def test_demo_rows_rejects_unknown_rows():
   with pytest.raises(ValueError, match="unknown row 'atrc'"):
     importlib.import_module("configs.demo_rows").get_config("atrc")
+
+
+def test_stl_best_is_each_tasks_own_best_evaluation(tmp_path):
+  """The survey selects each single-task model by its own metric: semseg's best and depth's best
+  come from different evaluations; --checkpoint last keeps the final one."""
+  evaluations = [
+      {"step": 90, "metrics": {"semseg/miou": 30.0, "semseg/pixel_acc": 60.0, "depth/rmse": 0.60,
+                               "depth/abs_rel": 0.2, "delta_m": 0.0}},
+      {"step": 95, "metrics": {"semseg/miou": 34.0, "semseg/pixel_acc": 64.0, "depth/rmse": 0.70,
+                               "depth/abs_rel": 0.3, "delta_m": 1.0}},
+      {"step": 100, "metrics": {"semseg/miou": 33.0, "semseg/pixel_acc": 63.0, "depth/rmse": 0.65,
+                                "depth/abs_rel": 0.25, "delta_m": 0.5}},
+  ]
+  workdir = write_run(tmp_path, "stl", "nyud_stl", evaluations[-1]["metrics"])
+  (workdir / "evaluations.json").write_text(json.dumps({"evaluations": evaluations}))
+  best = compare.load_run(workdir, "best")
+  assert best.headline() == {"semseg": 34.0, "depth": 0.60}
+  assert best.results["best_step/semseg"] == 95 and best.results["best_step/depth"] == 90
+  assert best.results["semseg/pixel_acc"] == 64.0 and best.results["depth/abs_rel"] == 0.2
+  assert compare.load_run(workdir, "last").headline() == {"semseg": 33.0, "depth": 0.65}
+  ifbc = compare.load_run(write_run(tmp_path, "ifbC", "nyud_ifbC", PAPER_NYUD["ifbC"]))
+  table = compare.comparison_table([best, ifbc], costs={})
+  assert "STL: each task at its own best evaluation" in table
+  # Delta_m of IFB C is measured against STL's per-task bests.
+  expected = 100 * ((39.1596 - 34.0) / 34.0 - (0.6011 - 0.60) / 0.60) / 2
+  assert f"{expected:+.2f}" in _row(table, "Ours (w/ IFB C)")[4]
