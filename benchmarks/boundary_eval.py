@@ -8,6 +8,7 @@ matching. Prints seconds per image with 1 and with N worker processes.
 
   python -m benchmarks.boundary_eval                       # 8 images per dataset, 1 and 2 workers
   python -m benchmarks.boundary_eval --images 4 --workers 1 --noise 0
+  python -m benchmarks.boundary_eval --images 1 --workers 1 --scale 0.125   # a smoke run
 """
 
 import argparse
@@ -43,13 +44,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--noise", type=float, default=4.0,
                       help="std of the pixel noise on the 0..255 prediction")
   parser.add_argument("--datasets", nargs="+", default=sorted(SIZES), choices=sorted(SIZES))
+  parser.add_argument("--scale", type=float, default=1.0,
+                      help="multiplies the frame sizes (timings are for 1.0)")
   args = parser.parse_args(argv)
   print(f"{os.cpu_count()} CPU cores; {len(boundary_eval.SURVEY_THRESHOLDS)} thresholds")
   print("| dataset | size | max_dist | workers | s / image | odsF |")
   print("|---|---|---|---|---|---|")
   with tempfile.TemporaryDirectory() as tmp:
     for dataset in args.datasets:
-      height, width = SIZES[dataset]
+      height, width = (max(16, round(s * args.scale)) for s in SIZES[dataset])
       directory = pathlib.Path(tmp) / dataset
       directory.mkdir()
       rng = np.random.default_rng(0)

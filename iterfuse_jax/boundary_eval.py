@@ -251,7 +251,7 @@ def evaluate_directory(directory: str | os.PathLike,
     # Spawned workers: forking a process that runs JAX's threads is unsafe.
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-      for result in pool.map(_score_file, jobs, chunksize=4):
+      for result in pool.map(_score_file, jobs):  # one image per task: each takes seconds
         counts.append(result)
         bar.update()
   bar.close()
