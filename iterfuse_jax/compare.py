@@ -5,8 +5,8 @@
 Each workdir must hold what `iterfuse_jax.train.train_and_evaluate` writes there: `config.json`
 (the run's config) and `metrics.json` (the final evaluation: flat {"semseg/miou": 35.0, ...}).
 Runs are grouped by dataset and task set, one Markdown table per group, in the paper's form: model,
-the headline metric of every task (mIoU %, depth RMSE m, saliency maxIoU %), Delta_m (%) and the
-model's parameter count and GFLOPs.
+the headline metric of every task (mIoU %, depth RMSE m, saliency maxIoU %, normals mean angular
+error in degrees, edge odsF %), Delta_m (%) and the model's parameter count and GFLOPs.
 
 Delta_m is recomputed here from the headline metrics (`iterfuse_jax.metrics.delta_m`), against
 the measured single-task run when an STL workdir (model.name "stl") of the same dataset and tasks
@@ -42,7 +42,8 @@ from iterfuse_jax import tasks as task_registry
 METRICS_FILE = "metrics.json"
 
 # Column titles as the paper prints them.
-TASK_TITLES = {"semseg": "SemSeg", "depth": "Depth", "human_parts": "PartSeg", "sal": "Sal"}
+TASK_TITLES = {"semseg": "SemSeg", "depth": "Depth", "human_parts": "PartSeg", "sal": "Sal",
+               "normals": "Normals", "edge": "Edge"}
 MODEL_TITLES = {"stl": "STL", "mtl": "MTL", "padnet": "PAD-Net", "mtinet": "MTI-Net",
                 "densemtl": "DenseMTL"}
 # Rows appear in the paper's order (Table 2, then Table 3's IFB ablation); ties keep input order.
@@ -280,8 +281,10 @@ def comparison_table(runs: Sequence[Run], stl_workdir: str | None = None,
       references = paper_stl_references(dataset)
       missing = [t for t in tasks if t not in references]
       if missing:
-        raise CompareError(f"no STL run among the inputs and the paper has no STL result for "
-                           f"{missing} on {dataset}")
+        raise CompareError(
+            f"no STL run among the inputs and the paper has no STL result for {missing} on "
+            f"{dataset}: add a single-task run of the same tasks (e.g. "
+            f"configs/{dataset}_full_stl.py for the full task sets) to the workdirs")
       source = "the paper's STL results (Table 2)"
 
     arrows = {t: "↑" if task_registry.get_task(t).higher_is_better else "↓" for t in tasks}
@@ -304,8 +307,8 @@ def comparison_table(runs: Sequence[Run], stl_workdir: str | None = None,
              "—" if gflops is None else f"{gflops:.1f}",
              f"`{run.workdir.name}`"]) + " |")
     lines += ["", f"Δm against {source}. Metrics: mIoU (%) for SemSeg/PartSeg, RMSE (m) for "
-              "Depth, maxIoU (%) for Sal. GFLOPs: one image at the training size, "
-              "multiply-add = 2 FLOPs."]
+              "Depth, maxIoU (%) for Sal, mean angular error (°) for Normals, odsF (%) for Edge. "
+              "GFLOPs: one image at the training size, multiply-add = 2 FLOPs."]
     sections.append("\n".join(lines))
   return "\n\n".join(sections) + "\n"
 
