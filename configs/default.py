@@ -13,7 +13,8 @@ PAPER_STL_REFERENCES = {
     "nyud": {"semseg": 35.0091, "depth": 0.6610},
     "pascal": {"semseg": 59.3427, "human_parts": 60.3365, "sal": 66.892},
 }
-TASK_LOSS_WEIGHTS = {"semseg": 1.0, "depth": 1.0, "human_parts": 2.0, "sal": 5.0}
+TASK_LOSS_WEIGHTS = {"semseg": 1.0, "depth": 1.0, "human_parts": 2.0, "sal": 5.0,
+                     "normals": 10.0, "edge": 50.0}
 
 
 def get_model_config() -> ml_collections.ConfigDict:
@@ -81,4 +82,7 @@ def get_config(dataset: str = "nyud") -> ml_collections.ConfigDict:
   # If set, training writes a synthetic dataset of this size to dataset.data_dir when it is absent.
   config.synthetic_data = ml_collections.ConfigDict({
       "enabled": False, "num_train": 64, "num_val": 16, "height": 96, "width": 128, "seed": 0})
+  # Edge odsF after training (iterfuse_jax/boundary_eval.py): worker processes (-1: all cores),
+  # matching distance as a fraction of the diagonal (0: the dataset's, NYUD 0.011 / PASCAL 0.0075).
+  config.boundary_eval = ml_collections.ConfigDict({"num_workers": -1, "max_dist": 0.0})
   return config

@@ -9,8 +9,13 @@ Features of every example:
   image        uint8 [H, W, 3] (the original encoded image)
   image_id     text
   original_size int32 [2] (height, width)
-  semseg, human_parts, sal   uint8 [H, W, 1] (PNG), for the requested tasks
+  semseg, human_parts, sal, edge   uint8 [H, W, 1] (PNG), for the requested tasks
   depth        float32 [H, W] (zlib), metres, 0 = invalid
+  normals      NYUD-v2: float32 [H, W, 3] (zlib), the stored vectors; PASCAL: uint8 [H, W, 4]
+               (PNG), the distilled PNG's values and a validity channel
+               (`transforms.decode_normals` turns both into float vectors, 0 = invalid)
+  edge_gt      PASCAL with edge: uint8 [H, W, 1] (PNG), the boundaries the edge evaluation
+               scores against (`BOUNDARY_GT_FEATURE`)
 """
 
 import dataclasses
@@ -29,9 +34,13 @@ from PIL import Image
 
 from data_pipelines import nyud
 from data_pipelines import pascal_context
+from data_pipelines import transforms
 
 READERS = {"nyud": nyud, "pascal": pascal_context}
 FILE_FORMAT = "array_record"
+# The record feature holding the ground truth of the boundary evaluation: NYUD-v2's edge files
+# themselves; for PASCAL the label-map boundaries SEISM uses (the training label is thinned).
+BOUNDARY_GT_FEATURE = {"nyud": "edge", "pascal": "edge_gt"}
 
 
 @dataclasses.dataclass(eq=False)
@@ -55,23 +64,46 @@ def _all_task_configs(all_tasks: Sequence[str]) -> list[TasksConfig]:
   return sorted(configs, key=lambda c: -len(c.tasks))
 
 
-def _label_image() -> tfds.features.Image:
-  return tfds.features.Image(shape=(None, None, 1), dtype=np.uint8, encoding_format="png")
+def _label_image(channels: int = 1) -> tfds.features.Image:
+  return tfds.features.Image(shape=(None, None, channels), dtype=np.uint8, encoding_format="png")
 
 
-_TASK_FEATURES = {
-    "semseg": _label_image,
-    "human_parts": _label_image,
-    "sal": _label_image,
-    "depth": lambda: tfds.features.Tensor(shape=(None, None), dtype=np.float32, encoding="zlib"),
-}
+def _task_features(dataset: str, tasks: Sequence[str]) -> dict[str, tfds.features.FeatureConnector]:
+  """The label features of `tasks` (plus "edge_gt" where the dataset has a separate one)."""
+  features = {}
+  for task in tasks:
+    if task == "depth":
+      features[task] = tfds.features.Tensor(shape=(None, None), dtype=np.float32, encoding="zlib")
+    elif task == "normals" and dataset == "nyud":
+      features[task] = tfds.features.Tensor(shape=(None, None, 3), dtype=np.float32,
+                                            encoding="zlib")
+    elif task == "normals":
+      features[task] = _label_image(channels=4)
+    else:
+      features[task] = _label_image()
+  if "edge" in tasks and BOUNDARY_GT_FEATURE[dataset] != "edge":
+    features[BOUNDARY_GT_FEATURE[dataset]] = _label_image()
+  return features
+
+
+def _encode_label(dataset: str, key: str, label: np.ndarray):
+  """A label as its feature stores it (PIL images, so that no TensorFlow is needed to build)."""
+  if key == "depth" or key == "normals" and dataset == "nyud":
+    return label
+  if key == "normals":
+    return Image.fromarray(transforms.encode_normals_uint8(label), mode="RGBA")
+  return Image.fromarray(label, mode="L")
 
 
 class _MultiTaskBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Shared logic: features from the config's tasks, examples from the dataset's reader."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.0.0": "Initial release.",
+      "1.1.0": "Normals and edge tasks; human parts of an image whose person part masks are all "
+               "empty (or whose persons have empty instance masks) are ignore (255).",
+  }
   DATASET = ""  # key into READERS
 
   @tfds.core.utils.classproperty
@@ -87,8 +119,7 @@ class _MultiTaskBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
         "image_id": tfds.features.Text(),
         "original_size": tfds.features.Tensor(shape=(2,), dtype=np.int32),
     }
-    for task in self.builder_config.tasks:
-      features[task] = _TASK_FEATURES[task]()
+    features.update(_task_features(self.DATASET, self.builder_config.tasks))
     # disable_shuffling keeps the split file's order (tfds would order examples by a key hash).
     return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(features),
                                           disable_shuffling=True)
@@ -110,16 +141,17 @@ class _MultiTaskBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
           "image_id": image_id,
           "original_size": np.array([height, width], np.int32),
       }
-      for task in tasks:
-        if task == "depth":
-          record[task] = example[task]
-        else:  # PIL encodes the PNG, so no TensorFlow is needed to build.
-          record[task] = Image.fromarray(example[task], mode="L")
+      keys = list(tasks)
+      if "edge" in tasks and BOUNDARY_GT_FEATURE[self.DATASET] != "edge":
+        keys.append(BOUNDARY_GT_FEATURE[self.DATASET])
+      for key in keys:
+        record[key] = _encode_label(self.DATASET, key, example[key])
       yield image_id, record
 
 
 class NyudV2Mt(_MultiTaskBuilder):
-  """NYUD-v2 (795 train / 654 val) from the NYUD_MT folder: semseg (40 classes) and depth."""
+  """NYUD-v2 (795 train / 654 val) from the NYUD_MT folder: semseg (40 classes), depth, normals,
+  edges."""
 
   DATASET = "nyud"
   BUILDER_CONFIGS = _all_task_configs(nyud.TASKS)
@@ -127,7 +159,8 @@ class NyudV2Mt(_MultiTaskBuilder):
 
 
 class PascalContextMt(_MultiTaskBuilder):
-  """PASCAL-Context (4998 train / 5105 val) from the PASCAL_MT folder: semseg, parts, saliency."""
+  """PASCAL-Context (4998 train / 5105 val) from the PASCAL_MT folder: semseg, parts, saliency,
+  normals, edges."""
 
   DATASET = "pascal"
   BUILDER_CONFIGS = _all_task_configs(pascal_context.TASKS)

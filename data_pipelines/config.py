@@ -39,7 +39,8 @@ def get_dataset_config(name: str) -> ml_collections.ConfigDict:
       data_dir: the extracted NYUD_MT / PASCAL_MT folder ("" = not set).
       prepared_dir: where the prepared tensorflow-datasets (array_record) copy is written;
         "" = `<data_dir>_tfds` next to the data folder.
-      tasks: the tasks whose labels are read (only their files are required).
+      tasks: the tasks whose labels are read (only their files are required); the paper's by
+        default, up to iterfuse_jax.tasks.FULL_TASKS (adding normals and edge).
       train_split, eval_split: split names ("train" / "val" as published).
       train_size, eval_size: (height, width) of the network input.
       eval_label_size: (height, width) canvas holding the original-size eval labels.

@@ -107,6 +107,22 @@ def read_label_png(path: str, what: str, grayscale: bool = False) -> np.ndarray:
     raise DataError(f"cannot decode {what} label {path}: {e}") from e
 
 
+def read_rgb_png(path: str, what: str) -> np.ndarray:
+  """Reads a 3-channel label image (e.g. encoded surface normals) as stored, uint8 [H, W, 3]."""
+  require_file(path, f"{what} label")
+  try:
+    with Image.open(path) as image:
+      image.load()
+      if image.mode != "RGB":
+        raise DataError(f"{what} label {path} has PIL mode {image.mode!r}; expected an 8-bit RGB "
+                        "image")
+      return np.array(image, dtype=np.uint8)
+  except DataError:
+    raise
+  except Exception as e:
+    raise DataError(f"cannot decode {what} label {path}: {e}") from e
+
+
 def check_shape(label: np.ndarray, shape: Sequence[int], path: str, what: str) -> None:
   if tuple(label.shape[:2]) != tuple(shape):
     raise DataError(f"{what} label {path} is {label.shape[0]}x{label.shape[1]} but its image is "

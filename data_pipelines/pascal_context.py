@@ -7,7 +7,15 @@ Layout under the root folder:
   semseg/pascal-context/<id>.png       the same encoding
   human_parts/<id>.mat                 PASCAL-Part annotation (`anno` struct, see decode_human_parts)
   sal_distill/<id>.png                 saliency 0..255 (foreground where value / 255 > 0.5)
+  normals_distill/<id>.png             RGB surface normals, component = 2 * value / 255 - 1
+  pascal-context/trainval/<id>.mat     the PASCAL-Context label map (`LabelMap`, 459 classes)
 Only the files of the requested tasks are read.
+
+Normals and edges follow the survey code (data/pascal_context.py): normals are kept only on
+pixels whose PASCAL-Context class also exists in NYUD-v2 (where the distilled normals mean
+something), elsewhere they are 0 (invalid); edges are the thinned nonzero response of a 3x3
+Laplacian of the label map. The edge evaluation compares against the label map's boundaries as
+SEISM draws them (`boundary_ground_truth`).
 """
 
 import os
@@ -15,11 +23,12 @@ from collections.abc import Sequence
 
 import numpy as np
 import scipy.io
+from skimage import morphology
 
 from data_pipelines import io_utils
 
 NAME = "pascal"
-TASKS = ("semseg", "human_parts", "sal")
+TASKS = ("semseg", "human_parts", "sal", "normals", "edge")
 NUM_SEMSEG_CLASSES = 21
 NUM_HUMAN_PARTS = 7
 IGNORE_LABEL = 255
@@ -42,6 +51,22 @@ PART_CLASSES = {
     "luleg": 5, "ruleg": 5,
     "llleg": 6, "rlleg": 6, "lfoot": 6, "rfoot": 6,
 }
+
+
+# PASCAL-Context classes (ids of the 459-class `LabelMap`) on which the distilled normals are
+# kept: the names shared with NYUD-v2's classes except "unknown", plus "tvmonitor" (the survey's
+# data/db_info/{nyu,context}_classes.json and its "custom additions due to incompatibilities").
+NORMALS_VALID_CLASSES = frozenset((
+    3, 4, 6, 9, 10, 11, 13, 15, 17, 18, 22, 23, 29, 30, 33, 34, 36, 37, 38, 39, 41, 43, 46, 49, 50,
+    51, 53, 55, 56, 59, 61, 62, 65, 66, 68, 69, 72, 73, 78, 83, 84, 85, 87, 88, 95, 96, 101, 104,
+    105, 107, 111, 113, 115, 122, 124, 135, 141, 142, 143, 146, 150, 154, 157, 158, 159, 165, 172,
+    174, 181, 183, 184, 191, 193, 195, 197, 199, 202, 213, 215, 216, 219, 220, 223, 225, 228, 230,
+    232, 233, 238, 239, 242, 243, 246, 250, 251, 252, 255, 260, 261, 263, 269, 272, 273, 275, 281,
+    283, 284, 285, 286, 287, 288, 290, 291, 292, 293, 295, 304, 307, 309, 310, 314, 315, 319, 323,
+    329, 330, 331, 336, 342, 345, 349, 350, 351, 352, 355, 357, 368, 370, 371, 374, 379, 380, 383,
+    384, 397, 401, 403, 405, 407, 408, 411, 412, 413, 414, 417, 419, 421, 423, 427, 429, 430, 432,
+    440, 441, 442, 443, 444, 446, 454, 457))
+CONTEXT_LABELS = "pascal-context/trainval/{image_id}.mat"
 
 
 def check_root(root: str) -> None:
@@ -79,8 +104,13 @@ def decode_human_parts(path: str, shape: Sequence[int]) -> np.ndarray:
 
   `anno[0][0][1][0]` is the object list; an object's field 1 is its class id (person = 15), field 2
   its instance mask and field 3 its parts, each (part name, mask). Person parts are painted in
-  file order (later parts win); other pixels of the image are background 0. An image without any
-  person part is all ignore (255).
+  file order (later parts win); other pixels of the image are background 0.
+
+  The whole map is ignore (255), as in the survey's loader (`has_human_parts`, then
+  `AddIgnoreRegions`, which turns an all-background part map into 255), when the image has no
+  person with a non-empty instance mask, or when no part pixel gets painted (no person has parts,
+  or all their part masks are empty). The survey's evaluator skips such images; here their pixels
+  are ignored, which is the same.
 
   Args:
     path: the `.mat` file.
@@ -99,17 +129,19 @@ def decode_human_parts(path: str, shape: Sequence[int]) -> np.ndarray:
   except (IndexError, TypeError, ValueError) as e:
     raise io_utils.DataError(f"human_parts file {path} has no `anno[0][0][1]` object list") from e
   target = np.zeros(tuple(shape), np.uint8)
-  found = False
+  has_person = False
   for index, obj in enumerate(objects.reshape(-1) if objects.size else []):
     fields = _struct_fields(obj, path, f"object {index}")
     if len(fields) < 4:
       raise io_utils.DataError(f"human_parts file {path}: object {index} has {len(fields)} fields; "
                                "expected (class, class_ind, mask, parts)")
     class_id = int(np.asarray(fields[1]).reshape(-1)[0])
-    parts = np.asarray(fields[3])
-    if class_id != PERSON_CLASS or parts.size == 0:
+    if class_id != PERSON_CLASS:
       continue
-    for part_index, part in enumerate(parts.reshape(-1)):
+    # The survey lists an image as having human parts if a person's instance mask has area > 0.
+    has_person |= bool(np.asarray(fields[2]).any())
+    parts = np.asarray(fields[3])
+    for part_index, part in enumerate(parts.reshape(-1) if parts.size else []):
       part_fields = _struct_fields(part, path, f"part {part_index} of object {index}")
       name = str(np.asarray(part_fields[0]).reshape(-1)[0])
       if name not in PART_CLASSES:
@@ -120,10 +152,70 @@ def decode_human_parts(path: str, shape: Sequence[int]) -> np.ndarray:
         raise io_utils.DataError(f"human_parts file {path}: mask of part {name!r} (object {index}) "
                                  f"is {mask.shape}, the image is {tuple(shape)}")
       target[mask.astype(bool)] = PART_CLASSES[name]
-      found = True
-  if not found:
+  if not has_person or not target.any():
     target[:] = IGNORE_LABEL
   return target
+
+
+def read_context_labels(root: str, image_id: str, shape: Sequence[int]) -> np.ndarray:
+  """The PASCAL-Context label map (`LabelMap`) of an image, int32 [H, W]."""
+  path = os.path.join(root, CONTEXT_LABELS.format(image_id=image_id))
+  io_utils.require_file(path, "PASCAL-Context label map")
+  try:
+    labels = np.asarray(scipy.io.loadmat(path)["LabelMap"])
+  except Exception as e:  # scipy raises ValueError / TypeError / KeyError for broken files.
+    raise io_utils.DataError(f"cannot read the PASCAL-Context label map {path} (a `LabelMap` "
+                             f"array): {e!r}") from e
+  integral = np.issubdtype(labels.dtype, np.integer) or (
+      np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.round(labels)))
+  if labels.ndim != 2 or not integral:
+    raise io_utils.DataError(f"PASCAL-Context label map {path} is {labels.dtype} of shape "
+                             f"{labels.shape}; expected a 2-D array of class ids")
+  io_utils.check_shape(labels, shape, path, "PASCAL-Context")
+  if labels.min() < 0:
+    raise io_utils.DataError(f"PASCAL-Context label map {path} holds negative class ids")
+  return labels.astype(np.int32)
+
+
+def decode_normals(path: str, context_labels: np.ndarray) -> np.ndarray:
+  """Distilled normals, float32 [H, W, 3]: 2 * value / 255 - 1 on pixels of a class in
+  NORMALS_VALID_CLASSES, 0 (invalid) elsewhere."""
+  raw = io_utils.read_rgb_png(path, "normals")
+  io_utils.check_shape(raw, context_labels.shape, path, "normals")
+  normals = 2.0 * raw.astype(np.float32) / 255.0 - 1.0
+  valid = np.isin(context_labels, sorted(NORMALS_VALID_CLASSES))
+  return np.where(valid[..., None], normals, 0.0).astype(np.float32)
+
+
+def _laplacian(labels: np.ndarray) -> np.ndarray:
+  """cv2.Laplacian(labels) with its defaults (3x3 kernel 0 1 0 / 1 -4 1 / 0 1 0, borders
+  reflected without repeating the edge pixel), in exact integer arithmetic."""
+  p = np.pad(labels.astype(np.int64), 1, mode="reflect")
+  return p[:-2, 1:-1] + p[2:, 1:-1] + p[1:-1, :-2] + p[1:-1, 2:] - 4 * p[1:-1, 1:-1]
+
+
+def edges_from_labels(context_labels: np.ndarray) -> np.ndarray:
+  """The survey's PASCAL edge label, uint8 [H, W] {0, 1}: skimage's thinning of the pixels where
+  the label map's Laplacian is nonzero."""
+  return morphology.thin(_laplacian(context_labels) != 0).astype(np.uint8)
+
+
+def boundary_ground_truth(context_labels: np.ndarray) -> np.ndarray:
+  """The boundary map SEISM scores edges against, uint8 [H, W] {0, 1} (BSDS `seg2bmap`): a pixel
+  whose label differs from its right, lower or lower-right neighbour; in the last row only the
+  right neighbour counts, in the last column only the lower one, never the corner pixel."""
+  seg = np.asarray(context_labels)
+  right = np.zeros(seg.shape, bool)
+  below = np.zeros(seg.shape, bool)
+  diagonal = np.zeros(seg.shape, bool)
+  right[:, :-1] = seg[:, :-1] != seg[:, 1:]
+  below[:-1, :] = seg[:-1, :] != seg[1:, :]
+  diagonal[:-1, :-1] = seg[:-1, :-1] != seg[1:, 1:]
+  bmap = right | below | diagonal
+  bmap[-1, :] = right[-1, :]
+  bmap[:, -1] = below[:, -1]
+  bmap[-1, -1] = False
+  return bmap.astype(np.uint8)
 
 
 def read_example(root: str, image_id: str, tasks: Sequence[str]) -> dict:
@@ -132,12 +224,14 @@ def read_example(root: str, image_id: str, tasks: Sequence[str]) -> dict:
   Args:
     root: the PASCAL_MT folder.
     image_id: the id as listed in the split file.
-    tasks: subset of ("semseg", "human_parts", "sal").
+    tasks: subset of ("semseg", "human_parts", "sal", "normals", "edge").
 
   Returns:
     {"image": uint8 [H, W, 3], "image_bytes": encoded image, "image_id": str, "semseg": uint8
      [H, W] (0..20, 255), "human_parts": uint8 [H, W] (0..6, or all 255), "sal": uint8 [H, W]
-     (0/1)} (labels of `tasks` only).
+     (0/1), "normals": float32 [H, W, 3] (0 = invalid), "edge": uint8 [H, W] (0/1, the training
+     label), "edge_gt": uint8 [H, W] (0/1, the boundaries the evaluation scores against)}
+    (labels of `tasks` only; "edge_gt" with "edge").
   """
   unknown = set(tasks) - set(TASKS)
   if unknown:
@@ -161,4 +255,12 @@ def read_example(root: str, image_id: str, tasks: Sequence[str]) -> dict:
     io_utils.check_shape(sal, shape, path, "sal")
     # The survey code's threshold: value / 255 > 0.5.
     example["sal"] = (sal.astype(np.float32) / 255.0 > 0.5).astype(np.uint8)
+  if "normals" in tasks or "edge" in tasks:
+    context_labels = read_context_labels(root, image_id, shape)
+    if "normals" in tasks:
+      example["normals"] = decode_normals(
+          os.path.join(root, "normals_distill", f"{image_id}.png"), context_labels)
+    if "edge" in tasks:
+      example["edge"] = edges_from_labels(context_labels)
+      example["edge_gt"] = boundary_ground_truth(context_labels)
   return example

@@ -7,11 +7,12 @@ here uses TensorFlow.
 Batches are dicts of numpy arrays:
   image        float32 [B, H, W, 3], ImageNet-normalised
   semseg, human_parts   int32 [B, H, W], 255 = ignore
-  sal          int32 [B, H, W], 0/1 (255 = ignore, padding only)
+  sal, edge    int32 [B, H, W], 0/1 (255 = ignore, padding only)
   depth        float32 [B, H, W], metres, 0 = invalid
+  normals      float32 [B, H, W, 3], unit vectors, all-zero = invalid
 Evaluation batches also carry original_size int32 [B, 2] (height, width), example_mask bool [B]
 and image_id (str [B]); their labels are at the original size, top-left in an eval_label_size
-canvas padded with ignore (depth 0).
+canvas padded with ignore (depth and normals 0).
 """
 
 import math
@@ -216,7 +217,7 @@ class EvalBatches:
     for key, value in batch.items():
       filler = np.repeat(template[key][:1], missing, axis=0)
       if key in self.tasks:
-        filler[:] = transforms.INVALID_DEPTH if key == "depth" else transforms.IGNORE_LABEL
+        filler[:] = transforms.label_fill(key)
       elif key == "example_mask":
         filler[:] = False
       elif key == "image_id":

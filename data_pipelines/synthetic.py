@@ -5,11 +5,16 @@ NYUD-v2 intrinsics. Depth is the exact z-depth of the visible surface, labels ar
 surface's class, so occlusion agrees between depth and labels. Every class has its own shape and
 its own colour/texture (wood floors, striped beds, book-filled shelves, sky windows...), so a small
 network can learn the scenes. Windows have no depth reading (0) and class boundaries are void (0),
-as in the real frames.
+as in the real frames. Normals are the visible face's plane normal in camera coordinates (x right,
+y down, z forward, facing the camera), 0 where depth has no reading; edges are the boundaries
+between surfaces, thinned to one-pixel lines.
 
 PASCAL_MT: outdoor-like backgrounds with people (head, torso, arms, hands, legs, feet drawn as
 PASCAL-Part parts), cars, TV monitors, bottles and potted plants; the person parts are stored in
-the PASCAL-Part `.mat` structure, saliency marks the foreground objects.
+the PASCAL-Part `.mat` structure, saliency marks the foreground objects. The PASCAL-Context label
+map (`pascal-context/trainval/<id>.mat`: sky, ground or grass, and the objects' Context classes)
+gives the edges; the distilled normals PNG holds the normals of the drawn shapes: flat faces for
+cars and monitors, rounded blobs for people, bottles and plants.
 
 Usage:
   python -m data_pipelines.synthetic --dataset nyud --out /tmp/NYUD_MT --num-train 64 \
@@ -27,6 +32,8 @@ from collections.abc import Sequence
 import numpy as np
 import scipy.io
 from PIL import Image, ImageDraw, ImageFilter
+from scipy import ndimage
+from skimage import morphology
 
 # NYU-40 ids as stored in segmentation/*.png (1-based; 0 = void).
 NYU_CLASSES = {
@@ -234,7 +241,9 @@ def render_room(rng: np.random.Generator, height: int, width: int):
   """Renders one synthetic NYUD-v2 frame.
 
   Returns:
-    image uint8 [H, W, 3], semseg uint8 [H, W] (NYU-40 ids, 0 = void), depth float32 [H, W].
+    image uint8 [H, W, 3], semseg uint8 [H, W] (NYU-40 ids, 0 = void), depth float32 [H, W],
+    normals float32 [H, W, 3] (unit, camera x right / y down / z forward; 0 = no depth reading),
+    edge float32 [H, W] (1 on surface boundaries).
   """
   room, boxes, camera, colours = _room(rng)
   fx, fy = 518.8 * width / 640, 519.5 * height / 480
@@ -310,7 +319,16 @@ def render_room(rng: np.random.Generator, height: int, width: int):
   edge[:, 1:] |= inst[:, 1:] != inst[:, :-1]
   edge[1:, :] |= inst[1:, :] != inst[:-1, :]
   semseg[edge & (semseg != NYU_CLASSES["wall"])] = 0
-  return image, semseg, depth
+
+  # The hit face's normal points against the ray along the hit axis (world: x right, y up).
+  normal_world = np.zeros((n, 3))
+  normal_world[np.arange(n), axis_hit] = -np.sign(dirs[np.arange(n), axis_hit])
+  normal_cam = normal_world @ (yaw @ pitch)  # world -> camera (x right, y up, z forward)
+  normals = (normal_cam * np.array([1.0, -1.0, 1.0])).reshape(height, width, 3)  # y down
+  normals[depth == 0] = 0.0  # normals come from depth: none where the sensor has no reading
+  # One-pixel boundary lines, as the BSDS-style evaluation expects of ground truth.
+  edge = morphology.thin(edge)
+  return image, semseg, depth, normals.astype(np.float32), edge.astype(np.float32)
 
 
 def _write_split(path: str, ids: Sequence[str]) -> None:
@@ -326,7 +344,7 @@ def _ids(num_train: int, num_val: int) -> tuple[list[str], list[str]]:
 
 def write_nyud(out_dir: str, num_train: int, num_val: int, seed: int, height: int = 480,
                width: int = 640) -> None:
-  """Writes a synthetic NYUD_MT folder (images/, segmentation/, depth/, gt_sets/).
+  """Writes a synthetic NYUD_MT folder (images/, segmentation/, depth/, normals/, edge/, gt_sets/).
 
   Args:
     out_dir: the folder to create.
@@ -335,16 +353,18 @@ def write_nyud(out_dir: str, num_train: int, num_val: int, seed: int, height: in
     height, width: frame size (the real one is 480x640).
   """
   train, val = _ids(num_train, num_val)
-  for sub in ("images", "segmentation", "depth", "gt_sets"):
+  for sub in ("images", "segmentation", "depth", "normals", "edge", "gt_sets"):
     os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
   for index, image_id in enumerate(train + val):
     rng = np.random.default_rng([seed, index])
-    image, semseg, depth = render_room(rng, height, width)
+    image, semseg, depth, normals, edge = render_room(rng, height, width)
     Image.fromarray(image).save(os.path.join(out_dir, "images", f"{image_id}.jpg"),
                                 quality=JPEG_QUALITY)
     Image.fromarray(semseg, mode="L").save(os.path.join(out_dir, "segmentation",
                                                         f"{image_id}.png"))
     np.save(os.path.join(out_dir, "depth", f"{image_id}.npy"), depth)
+    np.save(os.path.join(out_dir, "normals", f"{image_id}.npy"), normals)
+    np.save(os.path.join(out_dir, "edge", f"{image_id}.npy"), edge)
   _write_split(os.path.join(out_dir, "gt_sets", "train.txt"), train)
   _write_split(os.path.join(out_dir, "gt_sets", "val.txt"), val)
 
@@ -353,6 +373,11 @@ def write_nyud(out_dir: str, num_train: int, num_val: int, seed: int, height: in
 
 VOC_CLASSES = {"background": 0, "bottle": 5, "car": 7, "person": 15, "pottedplant": 16,
                "tvmonitor": 20}
+# PASCAL-Context (459-class LabelMap) ids of the synthetic scenes' classes.
+CONTEXT_CLASSES = {"sky": 360, "ground": 189, "bottle": 34, "car": 59, "person": 284,
+                   "pottedplant": 308, "tvmonitor": 427}
+# Objects seen face-on (flat normals towards the camera); the others are rounded.
+_FLAT_OBJECTS = ("car", "tvmonitor")
 # Part name -> (part-class colour role). Names are PASCAL-Part's.
 _PERSON_PARTS = ("head", "hair", "neck", "torso", "luarm", "ruarm", "llarm", "rlarm", "lhand",
                  "rhand", "luleg", "ruleg", "llleg", "rlleg", "lfoot", "rfoot")
@@ -504,8 +529,10 @@ def render_pascal(rng: np.random.Generator, height: int, width: int):
   """Renders one synthetic PASCAL image.
 
   Returns:
-    image uint8 [H, W, 3], semseg uint8 [H, W] (0..20), saliency uint8 [H, W] (0..255) and the
-    objects of the `.mat` file [(class, class_ind, visible mask, [(part name, mask)])].
+    image uint8 [H, W, 3], semseg uint8 [H, W] (0..20), saliency uint8 [H, W] (0..255), the
+    objects of the `.mat` file [(class, class_ind, visible mask, [(part name, mask)])], the
+    PASCAL-Context label map uint16 [H, W] and normals float32 [H, W, 3] (unit, camera x right /
+    y down / z forward).
   """
   horizon = rng.uniform(0.35, 0.6) * height
   yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
@@ -575,13 +602,43 @@ def render_pascal(rng: np.random.Generator, height: int, width: int):
   image_arr = np.clip(pixels, 0, 255).astype(np.uint8)
   # Distilled saliency is soft at object borders.
   sal = Image.fromarray((salient * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1.0))
-  return image_arr, np.asarray(semseg).copy(), np.asarray(sal).copy(), objects
+
+  context = np.where(yy < horizon, CONTEXT_CLASSES["sky"], CONTEXT_CLASSES["ground"])
+  normals = np.zeros((height, width, 3))
+  normals[yy >= horizon] = (0.0, -1.0, 0.0)  # the ground faces up (y points down)
+  normals[yy < horizon] = (0.0, 0.0, -1.0)
+  for name, _, index, _ in records:
+    visible = inst == index
+    if not visible.any():
+      continue
+    context[visible] = CONTEXT_CLASSES[name]
+    normals[visible] = _object_normals(visible, flat=name in _FLAT_OBJECTS)[visible]
+  return (image_arr, np.asarray(semseg).copy(), np.asarray(sal).copy(), objects,
+          context.astype(np.uint16), normals.astype(np.float32))
+
+
+def _object_normals(mask: np.ndarray, flat: bool) -> np.ndarray:
+  """Unit normals [H, W, 3] of an object seen from the front: a flat face (0, 0, -1), or a dome
+  bulging towards the camera with height h = sqrt(R d) (d: distance to the mask's border, R its
+  maximum), whose normal is (-dh/dx, -dh/dy, -1) normalised."""
+  if flat:
+    return np.broadcast_to(np.array([0.0, 0.0, -1.0]), (*mask.shape, 3)).copy()
+  distance = ndimage.distance_transform_edt(mask)
+  height = np.sqrt(distance * max(float(distance.max()), 1.0))
+  dh_dy, dh_dx = np.gradient(height)
+  normals = np.stack([-dh_dx, -dh_dy, -np.ones_like(height)], axis=-1)
+  return normals / np.linalg.norm(normals, axis=-1, keepdims=True)
+
+
+def _encode_normals_png(normals: np.ndarray) -> np.ndarray:
+  """Unit normals -> uint8 RGB with component = 2 * value / 255 - 1 (the PASCAL_MT encoding)."""
+  return np.clip(np.round((normals + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def write_pascal(out_dir: str, num_train: int, num_val: int, seed: int, height: int = 375,
                  width: int = 500) -> None:
   """Writes a synthetic PASCAL_MT folder (JPEGImages/, ImageSets/Context/, semseg/, human_parts/,
-  sal_distill/).
+  sal_distill/, normals_distill/, pascal-context/trainval/).
 
   Image sizes vary per image (up to `height` x `width`, down to 7/8 of it), as PASCAL's do. Half
   the semseg maps go to semseg/VOC12 (with 255 object outlines, as VOC has), the others to
@@ -597,13 +654,13 @@ def write_pascal(out_dir: str, num_train: int, num_val: int, seed: int, height: 
   train = [f"2008_{i}" for i in train]
   val = [f"2009_{i}" for i in val]
   for sub in ("JPEGImages", "ImageSets/Context", "semseg/VOC12", "semseg/pascal-context",
-              "human_parts", "sal_distill"):
+              "human_parts", "sal_distill", "normals_distill", "pascal-context/trainval"):
     os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
   for index, image_id in enumerate(train + val):
     rng = np.random.default_rng([seed, index])
     h = height - int(rng.integers(0, height // 8 + 1))
     w = width - int(rng.integers(0, width // 8 + 1))
-    image, semseg, sal, objects = render_pascal(rng, h, w)
+    image, semseg, sal, objects, context, normals = render_pascal(rng, h, w)
     Image.fromarray(image).save(os.path.join(out_dir, "JPEGImages", f"{image_id}.jpg"),
                                 quality=JPEG_QUALITY)
     if index % 2 == 0:
@@ -618,6 +675,10 @@ def write_pascal(out_dir: str, num_train: int, num_val: int, seed: int, height: 
     Image.fromarray(sal, mode="L").save(os.path.join(out_dir, "sal_distill", f"{image_id}.png"))
     _save_mat(os.path.join(out_dir, "human_parts", f"{image_id}.mat"),
               {"anno": _mat_struct(objects)})
+    _save_mat(os.path.join(out_dir, "pascal-context", "trainval", f"{image_id}.mat"),
+              {"LabelMap": context})
+    Image.fromarray(_encode_normals_png(normals), mode="RGB").save(
+        os.path.join(out_dir, "normals_distill", f"{image_id}.png"))
   _write_split(os.path.join(out_dir, "ImageSets", "Context", "train.txt"), train)
   _write_split(os.path.join(out_dir, "ImageSets", "Context", "val.txt"), val)
 

@@ -1,11 +1,14 @@
 """Augmentations and preprocessing on numpy examples, and the grain transforms that apply them.
 
 An example is a dict of numpy arrays: "image" uint8 [H, W, 3]; class maps ("semseg",
-"human_parts", "sal") uint8 [H, W] with 255 = ignore; "depth" float32 [H, W] in metres with
-0 = invalid. Geometric operations resample the image bicubically and every label with nearest
-neighbours (labels are never interpolated), through the same coordinate mapping, so image and
-labels stay aligned. Randomness comes only from the `np.random.Generator` that grain derives from
-the pipeline seed and the record index.
+"human_parts", "sal", "edge") uint8 [H, W] with 255 = ignore; "depth" float32 [H, W] in metres with
+0 = invalid; "normals" float32 [H, W, 3] unit vectors with an all-zero vector = invalid. Geometric
+operations resample the image bicubically and every label with nearest neighbours (labels are
+never interpolated, so no normal is ever mixed with an invalid neighbour), through the same
+coordinate mapping, so image and labels stay aligned. Normals turn with the image: a horizontal
+flip negates their x component, a rotation rotates their (x, y) components (x right, y down in the
+image, as the survey's `ScaleNRotate` assumes). Randomness comes only from the
+`np.random.Generator` that grain derives from the pipeline seed and the record index.
 """
 
 import dataclasses
@@ -18,10 +21,11 @@ from PIL import Image
 
 from data_pipelines.normalization import IMAGENET_MEAN, IMAGENET_STD
 
-CLASS_TASKS = ("semseg", "human_parts", "sal")
-DENSE_TASKS = CLASS_TASKS + ("depth",)
+CLASS_TASKS = ("semseg", "human_parts", "sal", "edge")
+DENSE_TASKS = CLASS_TASKS + ("depth", "normals")
 IGNORE_LABEL = 255
 INVALID_DEPTH = 0.0
+INVALID_NORMAL = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +45,17 @@ class AugmentParams:
   scale_range: tuple[float, float] = (1.0, 1.0)
 
 
-def _to_pil(array: np.ndarray, task: str) -> Image.Image:
+def label_fill(task: str) -> float:
+  """The value that marks an unlabelled pixel of `task` (padding, uncovered borders)."""
   if task == "depth":
+    return INVALID_DEPTH
+  if task == "normals":
+    return INVALID_NORMAL
+  return IGNORE_LABEL
+
+
+def _to_pil(array: np.ndarray, task: str) -> Image.Image:
+  if task in ("depth", "normals"):
     return Image.fromarray(np.ascontiguousarray(array, np.float32), mode="F")
   return Image.fromarray(np.ascontiguousarray(array))
 
@@ -51,12 +64,34 @@ def _resample(task: str) -> Image.Resampling:
   return Image.Resampling.BICUBIC if task == "image" else Image.Resampling.NEAREST
 
 
+def _warp(array: np.ndarray, key: str, apply) -> np.ndarray:
+  """`apply(pil_image)` on the entry `key`; normals channel by channel (PIL has no 3-channel float
+  mode), each with the same nearest sampling, so the vector of a pixel moves as a whole."""
+  if key == "normals":
+    return np.stack([np.asarray(apply(_to_pil(array[..., c], key))) for c in range(3)], axis=-1)
+  return np.asarray(apply(_to_pil(array, key)))
+
+
 def hflip(example: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Mirrors the image and every dense label left-right."""
+  """Mirrors the image and every dense label left-right; normals' x component changes sign."""
   out = dict(example)
   for key in ("image", *DENSE_TASKS):
     if key in out:
       out[key] = np.ascontiguousarray(out[key][:, ::-1])
+  if "normals" in out:
+    out["normals"] = out["normals"] * np.array([-1, 1, 1], np.float32)
+  return out
+
+
+def rotate_normals(normals: np.ndarray, angle: float) -> np.ndarray:
+  """Turns normals [H, W, 3] (x right, y down) with an image rotated by `angle` degrees
+  counter-clockwise on screen: x' = x cos a + y sin a, y' = -x sin a + y cos a (the survey's
+  ScaleNRotate). Invalid (all-zero) vectors stay zero."""
+  cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+  out = normals.astype(np.float32, copy=True)
+  x, y = normals[..., 0], normals[..., 1]
+  out[..., 0] = x * cos + y * sin
+  out[..., 1] = -x * sin + y * cos
   return out
 
 
@@ -75,8 +110,8 @@ def centre_zoom(example: Mapping[str, np.ndarray], scale: float) -> dict[str, np
   out = dict(example)
   for key in ("image", *DENSE_TASKS):
     if key in out:
-      resized = _to_pil(out[key], key).resize((width, height), _resample(key), box=box)
-      out[key] = np.asarray(resized)
+      out[key] = _warp(out[key], key,
+                       lambda im, k=key: im.resize((width, height), _resample(k), box=box))
   if "depth" in out:
     out["depth"] = out["depth"] / np.float32(scale)
   return out
@@ -86,9 +121,11 @@ def rotate_scale(example: Mapping[str, np.ndarray], angle: float,
                  scale: float) -> dict[str, np.ndarray]:
   """Rotates by `angle` degrees and scales by `scale` about the centre, keeping the size.
 
-  Uncovered borders are filled with 0 in the image and every label (as the survey code's
-  ScaleNRotate does), except that a label map that is entirely ignore stays entirely ignore.
-  Depth, if present, is divided by `scale`.
+  Positive angles turn the content counter-clockwise on screen (as cv2.getRotationMatrix2D,
+  which the survey uses). Uncovered borders are filled with 0 in the image and every label (as the
+  survey code's ScaleNRotate does; for normals 0 is invalid), except that a label map that is
+  entirely ignore stays entirely ignore. Depth, if present, is divided by `scale`; normals are
+  rotated by `angle` (`rotate_normals`).
   """
   if angle == 0.0 and scale == 1.0:
     return dict(example)
@@ -105,11 +142,12 @@ def rotate_scale(example: Mapping[str, np.ndarray], angle: float,
     if key in CLASS_TASKS and np.all(out[key] == IGNORE_LABEL):
       continue
     fill = (0, 0, 0) if key == "image" else 0
-    warped = _to_pil(out[key], key).transform(
-        (width, height), Image.Transform.AFFINE, coefficients, _resample(key), fillcolor=fill)
-    out[key] = np.asarray(warped)
+    out[key] = _warp(out[key], key, lambda im, k=key, f=fill: im.transform(
+        (width, height), Image.Transform.AFFINE, coefficients, _resample(k), fillcolor=f))
   if "depth" in out:
     out["depth"] = out["depth"] / np.float32(scale)
+  if "normals" in out:
+    out["normals"] = rotate_normals(out["normals"], angle)
   return out
 
 
@@ -120,7 +158,8 @@ def resize(example: Mapping[str, np.ndarray], size: Sequence[int],
   out = dict(example)
   for key in keys:
     if key in out and out[key].shape[:2] != (height, width):
-      out[key] = np.asarray(_to_pil(out[key], key).resize((width, height), _resample(key)))
+      out[key] = _warp(out[key], key,
+                       lambda im, k=key: im.resize((width, height), _resample(k)))
   return out
 
 
@@ -138,30 +177,67 @@ def normalize_image(image: np.ndarray) -> np.ndarray:
 
 
 def pad_to_canvas(label: np.ndarray, size: Sequence[int], fill: float) -> np.ndarray:
-  """Places `label` [h, w] top-left in a [H, W] canvas filled with `fill`."""
+  """Places `label` [h, w, ...] top-left in a [H, W, ...] canvas filled with `fill`."""
   height, width = label.shape[:2]
   if height > size[0] or width > size[1]:
     raise ValueError(f"a {height}x{width} label does not fit the eval_label_size canvas "
                      f"{size[0]}x{size[1]}; raise config.dataset.eval_label_size")
-  canvas = np.full(tuple(size), fill, label.dtype)
+  canvas = np.full((*size, *label.shape[2:]), fill, label.dtype)
   canvas[:height, :width] = label
   return canvas
 
 
+def decode_normals(stored: np.ndarray) -> np.ndarray:
+  """Stored normals -> float32 [H, W, 3], 0 = invalid.
+
+  Prepared records hold either the float vectors themselves (NYUD-v2) or uint8 [H, W, 4] (PASCAL:
+  the distilled PNG's values v in RGB, component = 2 v / 255 - 1, and A = 255 where the normal is
+  valid).
+  """
+  stored = np.asarray(stored)
+  if stored.dtype == np.uint8:
+    if stored.ndim != 3 or stored.shape[-1] != 4:
+      raise ValueError(f"uint8 normals must be [H, W, 4] (RGB + validity), got {stored.shape}")
+    normals = 2.0 * stored[..., :3].astype(np.float32) / 255.0 - 1.0
+    return np.where(stored[..., 3:] > 0, normals, INVALID_NORMAL).astype(np.float32)
+  return np.array(stored, np.float32)
+
+
+def encode_normals_uint8(normals: np.ndarray) -> np.ndarray:
+  """The inverse of `decode_normals` for normals that came from 8-bit values (PASCAL's PNGs)."""
+  valid = np.any(normals != 0, axis=-1)
+  rgb = np.clip(np.round((normals + 1.0) * 127.5), 0, 255).astype(np.uint8)
+  return np.concatenate([rgb, (255 * valid).astype(np.uint8)[..., None]], axis=-1)
+
+
 def decode(record: Mapping[str, np.ndarray], tasks: Sequence[str]) -> dict[str, np.ndarray]:
-  """The arrays of a prepared record: labels squeezed to [H, W]."""
+  """The arrays of a prepared record: labels as [H, W] (normals [H, W, 3] float32)."""
   example = {"image": np.asarray(record["image"], np.uint8)}
   for task in tasks:
     label = np.asarray(record[task])
-    example[task] = label[..., 0] if label.ndim == 3 else label
+    if task == "normals":
+      example[task] = decode_normals(label)
+    else:
+      example[task] = label[..., 0] if label.ndim == 3 else label
+  return example
+
+
+def ignore_empty_human_parts(example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """A human-parts map without any part pixel becomes all ignore (the survey's AddIgnoreRegions,
+  applied after its augmentations: parts moved out of the frame leave nothing to learn)."""
+  parts = example.get("human_parts")
+  if parts is not None and not np.any((parts != 0) & (parts != IGNORE_LABEL)):
+    example = dict(example)
+    example["human_parts"] = np.full_like(parts, IGNORE_LABEL)
   return example
 
 
 def finalize(example: Mapping[str, np.ndarray], tasks: Sequence[str]) -> dict[str, np.ndarray]:
-  """The batch dtypes: image float32 normalised, class maps int32, depth float32."""
+  """The batch dtypes: image float32 normalised, class maps int32, depth and normals float32."""
   out = {"image": normalize_image(example["image"])}
   for task in tasks:
-    out[task] = example[task].astype(np.float32 if task == "depth" else np.int32)
+    floating = task in ("depth", "normals")
+    out[task] = example[task].astype(np.float32 if floating else np.int32)
   return out
 
 
@@ -190,7 +266,8 @@ class TrainTransform(grain.transforms.RandomMap):
     example = decode(element, self.tasks)
     if self.params is not None:
       example = self.augment(example, rng)
-    return finalize(resize(example, self.size), self.tasks)
+    example = ignore_empty_human_parts(resize(example, self.size))
+    return finalize(example, self.tasks)
 
 
 class EvalTransform(grain.transforms.Map):
@@ -206,8 +283,7 @@ class EvalTransform(grain.transforms.Map):
     original = example["image"].shape[:2]
     out = finalize(resize(example, self.size, keys=("image",)), self.tasks)
     for task in self.tasks:
-      fill = INVALID_DEPTH if task == "depth" else IGNORE_LABEL
-      out[task] = pad_to_canvas(out[task], self.label_size, fill)
+      out[task] = pad_to_canvas(out[task], self.label_size, label_fill(task))
     out["original_size"] = np.array(original, np.int32)
     out["example_mask"] = np.array(True)
     image_id = element["image_id"]

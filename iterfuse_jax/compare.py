@@ -10,8 +10,8 @@ epochs) unless `--checkpoint last` asks for the evaluation after the final step;
 which. The STL row's best is per task (each task at the evaluation where its own metric is best,
 from `evaluations.json`), as the survey's separately trained single-task models are selected.
 Runs are grouped by dataset and task set, one Markdown table per group, in the paper's form: model,
-the headline metric of every task (mIoU %, depth RMSE m, saliency maxIoU %), Delta_m (%) and the
-model's parameter count and GFLOPs.
+the headline metric of every task (mIoU %, depth RMSE m, saliency maxIoU %, normals mean angular
+error in degrees, edge odsF %), Delta_m (%) and the model's parameter count and GFLOPs.
 
 Delta_m is recomputed here from the headline metrics (`iterfuse_jax.metrics.delta_m`), against
 the measured single-task run when an STL workdir (model.name "stl") of the same dataset and tasks
@@ -50,7 +50,8 @@ CHECKPOINT_TEXT = {
 }
 
 # Column titles as the paper prints them.
-TASK_TITLES = {"semseg": "SemSeg", "depth": "Depth", "human_parts": "PartSeg", "sal": "Sal"}
+TASK_TITLES = {"semseg": "SemSeg", "depth": "Depth", "human_parts": "PartSeg", "sal": "Sal",
+               "normals": "Normals", "edge": "Edge"}
 MODEL_TITLES = {"stl": "STL", "mtl": "MTL", "padnet": "PAD-Net", "mtinet": "MTI-Net",
                 "densemtl": "DenseMTL"}
 # Rows appear in the paper's order (Table 2, then Table 3's IFB ablation); ties keep input order.
@@ -329,8 +330,10 @@ def comparison_table(runs: Sequence[Run], stl_workdir: str | None = None,
       references = paper_stl_references(dataset)
       missing = [t for t in tasks if t not in references]
       if missing:
-        raise CompareError(f"no STL run among the inputs and the paper has no STL result for "
-                           f"{missing} on {dataset}")
+        raise CompareError(
+            f"no STL run among the inputs and the paper has no STL result for {missing} on "
+            f"{dataset}: add a single-task run of the same tasks (e.g. "
+            f"configs/{dataset}_full_stl.py for the full task sets) to the workdirs")
       source = "the paper's STL results (Table 2)"
 
     arrows = {t: "↑" if task_registry.get_task(t).higher_is_better else "↓" for t in tasks}
@@ -356,8 +359,9 @@ def comparison_table(runs: Sequence[Run], stl_workdir: str | None = None,
     if any(run.metrics_file == evaluations.EVALUATIONS_FILE for run in group):
       which += " (STL: each task at its own best evaluation, from evaluations.json)"
     lines += ["", f"Metrics of {which}. Δm against {source}. Metrics: mIoU (%) for "
-              "SemSeg/PartSeg, RMSE (m) for Depth, maxIoU (%) for Sal. GFLOPs: one image at the "
-              "training size, multiply-add = 2 FLOPs."]
+              "SemSeg/PartSeg, RMSE (m) for Depth, maxIoU (%) for Sal, mean angular error (°) for "
+              "Normals, odsF (%) for Edge. GFLOPs: one image at the training size, multiply-add = "
+              "2 FLOPs."]
     sections.append("\n".join(lines))
   return "\n\n".join(sections) + "\n"
 

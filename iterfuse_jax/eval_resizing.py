@@ -11,7 +11,7 @@ canvas (`original_size` per example). Two orders of resizing and decoding exist:
                   output pixel x reads input pixel floor(x * in / out))
     binary        probability = sigmoid(logit), scaled to 0..255, resized linearly (INTER_LINEAR,
                   half-pixel centres, no antialiasing), truncated to uint8 (the PNG file), / 255
-    regression    the value resized linearly
+    regression    the value resized linearly (also normals and edge logits, see LINEAR_KINDS)
   "logits": resize the logits linearly first, then decode (argmax / sigmoid in the metrics).
 
 NYUD-v2 frames are all 480x640, the network's size, so there both orders give the same numbers;
@@ -28,6 +28,10 @@ import jax.numpy as jnp
 from iterfuse_jax import tasks as task_registry
 
 EVAL_RESIZE_ORDERS = ("survey", "logits")
+# Task kinds whose raw outputs are resized linearly in either order: depth values, normals (the
+# metric normalises them; the survey's 8-bit normal PNGs are not reproduced) and edge logits (their
+# online loss; odsF comes from iterfuse_jax.boundary_eval, which writes the survey's PNGs).
+LINEAR_KINDS = ("regression", "normals", "boundary")
 
 
 def check_order(order: str) -> str:
@@ -91,7 +95,7 @@ def eval_predictions(outputs: Mapping[str, jax.Array], original_size: jax.Array,
   Returns:
     (predictions, decoded). With "survey", decoded is True and predictions are segmentation ids
     [B, H, W] int32, binary probabilities [B, H, W, 1] float32 (multiples of 1/255) and regression
-    values [B, H, W, C]; with "logits", decoded is False and every prediction is the resized
+    values, normals and edge logits [B, H, W, C]; with "logits", decoded is False and every prediction is the resized
     logits [B, H, W, C] float32.
   """
   check_order(order)
@@ -99,7 +103,7 @@ def eval_predictions(outputs: Mapping[str, jax.Array], original_size: jax.Array,
   for task in tasks:
     logits = outputs[task]
     kind = task_registry.get_task(task).kind
-    if order == "logits" or kind == "regression":
+    if order == "logits" or kind in LINEAR_KINDS:
       predictions[task] = resize_linear_to_canvas(logits, original_size, canvas)
     elif kind == "segmentation":
       ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)

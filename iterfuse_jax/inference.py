@@ -199,14 +199,18 @@ class Predictor:
 
   def predict(self, image: np.ndarray) -> dict[str, np.ndarray]:
     """Predictions at the image's size: segmentation [H, W] int32 class ids, depth [H, W]
-    float32 metres, saliency [H, W] float32 probability."""
+    float32 metres, saliency and edge [H, W] float32 probability, normals [H, W, 3] float32
+    unit vectors."""
     out = {}
     for task, logits in self.predict_logits(image).items():
       kind = task_registry.get_task(task).kind
       if kind == "segmentation":
         out[task] = logits.argmax(-1).astype(np.int32)
-      elif kind == "binary":
+      elif kind in ("binary", "boundary"):
         out[task] = jax.nn.sigmoid(logits[..., 0]).astype(np.float32)
+      elif kind == "normals":
+        norm = np.linalg.norm(logits, axis=-1, keepdims=True)
+        out[task] = (logits / (norm + 1e-12)).astype(np.float32)
       else:
         out[task] = logits[..., 0].astype(np.float32)
     return out

@@ -15,6 +15,13 @@ Conventions (the MTL survey code of Vandenhende et al., see ../shared/REFERENCE.
     ignored; without ignored pixels this is exactly the survey's `BalancedCrossEntropyLoss`.
     Like it, a batch without any positive pixel has w = 1 and so a loss of 0 (HED-style
     weighting: all weight goes to the positives).
+  * edge: the same binary cross-entropy with a fixed positive weight w (the survey's `edge_w`,
+    0.95): (w * sum_pos BCE + (1 - w) * sum_neg BCE) / #valid. The survey divides by all pixels of
+    the batch; its edge labels have no ignored pixels, so this is the same loss.
+  * normals: the prediction is normalised to unit length (x / (|x| + 1e-12)), then L1 against the
+    unit ground truth, averaged over the valid pixels' 3 components (the survey's
+    `NormalsLoss(normalize=True, norm=1)`); a label whose 3 components are all 0 is invalid
+    (the survey marks such pixels 255 in every component and masks them).
   * multi-task: total = sum over supervision levels (the "initial" intermediate predictions,
     MTI-Net's coarser-scale ones "initial_scale1".."initial_scale3", and the "final" predictions)
     and tasks of weight[task] * loss; the intermediate predictions get the same losses and
@@ -113,6 +120,29 @@ def l1(predictions: jax.Array, labels: jax.Array) -> jax.Array:
   return _safe_mean(jnp.sum(jnp.where(valid, error, 0.0)), jnp.sum(valid))
 
 
+def _weighted_bce(logits: jax.Array, labels: jax.Array, pos_weight: float | None,
+                  name: str) -> jax.Array:
+  """(w sum_pos -log p + (1 - w) sum_neg -log(1 - p)) / #valid; w = pos_weight, or the batch's
+  fraction of negatives when None."""
+  if logits.ndim != 4 or logits.shape[-1] != 1:
+    raise ValueError(f"{name}: logits must be [B, H, W, 1], got shape {logits.shape}")
+  acc = accumulation_dtype(logits.dtype)
+  labels = _check_spatial(logits, labels, name).astype(acc)
+  x = logits[..., 0].astype(acc)
+  valid = labels != IGNORE_LABEL
+  positive = valid & (labels >= 0.5)
+  negative = valid & ~positive
+  num_valid = jnp.sum(valid).astype(acc)
+  if pos_weight is None:
+    weight_pos = _safe_mean(jnp.sum(negative), num_valid)
+  else:
+    weight_pos = jnp.asarray(pos_weight, acc)
+  # -log sigmoid(x) = softplus(-x) and -log(1 - sigmoid(x)) = softplus(x), both overflow-free.
+  loss_pos = jnp.sum(jnp.where(positive, jax.nn.softplus(-x), 0.0))
+  loss_neg = jnp.sum(jnp.where(negative, jax.nn.softplus(x), 0.0))
+  return _safe_mean(weight_pos * loss_pos + (1.0 - weight_pos) * loss_neg, num_valid)
+
+
 def balanced_bce(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Class-balanced binary cross-entropy (the survey's saliency loss).
 
@@ -126,35 +156,77 @@ def balanced_bce(logits: jax.Array, labels: jax.Array) -> jax.Array:
     -log(1 - p)) / #valid, with w = #negatives / #valid over the whole batch; 0 when no pixel is
     valid.
   """
-  if logits.ndim != 4 or logits.shape[-1] != 1:
-    raise ValueError(f"balanced_bce: logits must be [B, H, W, 1], got shape {logits.shape}")
-  acc = accumulation_dtype(logits.dtype)
-  labels = _check_spatial(logits, labels, "balanced_bce").astype(acc)
-  x = logits[..., 0].astype(acc)
-  valid = labels != IGNORE_LABEL
-  positive = valid & (labels >= 0.5)
-  negative = valid & ~positive
-  num_valid = jnp.sum(valid).astype(acc)
-  weight_pos = _safe_mean(jnp.sum(negative), num_valid)
-  # -log sigmoid(x) = softplus(-x) and -log(1 - sigmoid(x)) = softplus(x), both overflow-free.
-  loss_pos = jnp.sum(jnp.where(positive, jax.nn.softplus(-x), 0.0))
-  loss_neg = jnp.sum(jnp.where(negative, jax.nn.softplus(x), 0.0))
-  return _safe_mean(weight_pos * loss_pos + (1.0 - weight_pos) * loss_neg, num_valid)
+  return _weighted_bce(logits, labels, None, "balanced_bce")
 
 
-LOSSES: Mapping[str, LossFn] = {
+def weighted_bce(logits: jax.Array, labels: jax.Array, pos_weight: float) -> jax.Array:
+  """Binary cross-entropy with a fixed positive weight (the survey's edge loss, `edge_w` 0.95).
+
+  Args:
+    logits: [B, H, W, 1] edge logits.
+    labels: [B, H, W] (or [B, H, W, 1]) targets in {0, 1} (>= 0.5 counts as positive);
+      IGNORE_LABEL (255) marks pixels that are left out (only the padding of eval canvases).
+    pos_weight: w in [0, 1], the weight of the positives (negatives get 1 - w).
+
+  Returns:
+    Scalar float32 loss (w * sum_pos -log p + (1 - w) * sum_neg -log(1 - p)) / #valid; 0 when no
+    pixel is valid.
+  """
+  if not 0.0 <= pos_weight <= 1.0:
+    raise ValueError(f"weighted_bce: pos_weight must be in [0, 1], got {pos_weight}")
+  return _weighted_bce(logits, labels, pos_weight, "weighted_bce")
+
+
+def valid_normals(labels: jax.Array) -> jax.Array:
+  """[B, H, W] bool: normal labels [B, H, W, 3] that are not the all-zero invalid marker."""
+  return jnp.any(labels != 0, axis=-1)
+
+
+def normalize_normals(x: jax.Array) -> jax.Array:
+  """[..., 3] -> unit length along the last axis (x / (|x| + 1e-12), as the survey)."""
+  x = x.astype(accumulation_dtype(x.dtype))
+  return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-12)
+
+
+def normals_l1(predictions: jax.Array, labels: jax.Array) -> jax.Array:
+  """L1 between the unit-normalised prediction and the ground-truth normal, over valid pixels.
+
+  Args:
+    predictions: [B, H, W, 3] raw network output (normalised here).
+    labels: [B, H, W, 3] unit normals; pixels whose 3 components are all 0 are invalid.
+
+  Returns:
+    Scalar float32: sum over valid pixels and the 3 components of |n_pred - n_gt| divided by
+    3 * #valid pixels (the survey's per-element mean); 0 when no pixel is valid.
+  """
+  if predictions.ndim != 4 or predictions.shape[-1] != 3:
+    raise ValueError(f"normals_l1: predictions must be [B, H, W, 3], got {predictions.shape}")
+  if labels.shape != predictions.shape:
+    raise ValueError(f"normals_l1: labels of shape {labels.shape} do not match predictions of "
+                     f"shape {predictions.shape}; expected [B, H, W, 3] unit normals")
+  labels = labels.astype(accumulation_dtype(predictions.dtype))
+  valid = valid_normals(labels)
+  error = jnp.sum(jnp.abs(normalize_normals(predictions) - labels), axis=-1)
+  return _safe_mean(jnp.sum(jnp.where(valid, error, 0.0)), 3 * jnp.sum(valid))
+
+
+LOSSES: Mapping[str, Callable[..., jax.Array]] = {
     "cross_entropy": cross_entropy,
     "l1": l1,
     "balanced_bce": balanced_bce,
+    "weighted_bce": weighted_bce,
+    "normals_l1": normals_l1,
 }
 
 
 def task_loss(task: str, logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """The registry's loss of `task` (tasks.TaskSpec.loss) on logits [B, H, W, C] at label size."""
-  name = task_registry.get_task(task).loss
-  if name not in LOSSES:
-    raise ValueError(f"task {task!r} asks for loss {name!r}; known losses: {sorted(LOSSES)}")
-  return LOSSES[name](logits, labels)
+  """The registry's loss of `task` (tasks.TaskSpec.loss, with its loss_options) on logits
+  [B, H, W, C] at label size."""
+  spec = task_registry.get_task(task)
+  if spec.loss not in LOSSES:
+    raise ValueError(f"task {task!r} asks for loss {spec.loss!r}; known losses: "
+                     f"{sorted(LOSSES)}")
+  return LOSSES[spec.loss](logits, labels, **spec.loss_options)
 
 
 def _to_label_size(logits: jax.Array, label_hw: tuple[int, ...]) -> jax.Array:
@@ -178,10 +250,10 @@ def multitask_loss(
     outputs: {"final": {task: [B, H, W, C_task]}} and optionally deep-supervision levels
       {"initial": {...}, "initial_scale1": {...}, ...} (intermediate predictions). Predictions at
       another resolution than the labels are bilinearly resized to the label size first.
-    batch: holds each task's labels under the task's name ([B, H, W]).
+    batch: holds each task's labels under the task's name ([B, H, W]; normals [B, H, W, 3]).
     tasks: the tasks to supervise.
     weights: task -> loss weight; None takes the registry's (semseg 1, depth 1, human_parts 2,
-      sal 5).
+      sal 5, normals 10, edge 50).
 
   Returns:
     (total, parts): total = sum over levels and tasks of weights[task] * loss, float32 scalar;

@@ -19,13 +19,22 @@ Conventions (the MTL survey code of Vandenhende et al., see ../shared/REFERENCE.
     recall (with 1e-12 in the denominators); means over images per threshold; max_iou = max over
     thresholds of the mean IoU, max_f = max over thresholds of 2 P R / (P + R) of the mean
     precision and recall (beta = 1). Labels are {0, 1} (>= 0.5 positive), 255 ignored.
+  * normals: prediction and label normalised to unit length, angle = arccos(clip(dot, -1, 1)) in
+    degrees over the valid pixels of the split (label vector not all 0), as the survey's
+    `eval_normals`: mean, median, rmse of the angles and the percentage of pixels under 11.25,
+    22.5 and 30 degrees. The median comes from a histogram of 0.01-degree bins (exact to 0.005
+    degrees), so that it too merges exactly.
+  * edge: online, only the loss (the survey's `EdgeMeter`: the weighted BCE with the training's
+    positive weight, over the pixels at the original size). The headline odsF is computed after
+    training over saved predictions by `iterfuse_jax.boundary_eval` (registry: offline_metric).
 
 Predictions come as logits (the metrics decode: argmax, sigmoid) or, with `decoded=True`, already
 decoded at the label size (class ids [B, H, W], probabilities [B, H, W, 1]), which is how the
 survey code's order of evaluation resizes them (`iterfuse_jax.eval_resizing`).
 
 Units of `compute()`: mIoU, pixel accuracy, max_iou and max_f in percent (as in the paper's
-tables, e.g. 35.0091), depth errors in metres (rmse 0.6610).
+tables, e.g. 35.0091), depth errors in metres (rmse 0.6610), normal angles in degrees and their
+accuracies in percent; boundary_eval's odsF in percent.
 """
 
 from __future__ import annotations
@@ -44,8 +53,14 @@ from iterfuse_jax.tasks import IGNORE_LABEL
 
 SALIENCY_THRESHOLDS = tuple(float(t) for t in np.linspace(0.2, 0.9, 15))
 _MIN_DEPTH = 1e-9
-# Registry metric name (tasks.TaskSpec.metric) -> key of `compute()` that holds it.
-_HEADLINE_KEYS = {"mIoU": "miou", "rmse": "rmse", "maxIoU": "max_iou"}
+# The survey's normal accuracies: percentage of pixels with an angular error under each bound.
+NORMALS_ANGLE_BOUNDS = (11.25, 22.5, 30.0)
+NORMALS_BIN_DEGREES = 0.01
+_NORMALS_BINS = round(180.0 / NORMALS_BIN_DEGREES)
+# Registry metric name (tasks.TaskSpec.metric) -> key of the results that holds it (the online
+# metrics' `compute()`, or boundary_eval's results for offline metrics).
+_HEADLINE_KEYS = {"mIoU": "miou", "rmse": "rmse", "maxIoU": "max_iou", "mean_angle": "mean_angle",
+                  "odsF": "odsF"}
 
 
 def _example_mask(example_mask: jax.Array | None, batch_size: int) -> jax.Array:
@@ -275,6 +290,129 @@ class SaliencyScores(clu_metrics.Metric):
     return {"max_iou": 100.0 * jnp.max(self.iou / n), "max_f": 100.0 * jnp.max(f_score)}
 
 
+@flax.struct.dataclass
+class NormalsErrors(clu_metrics.Metric):
+  """Angular errors of surface normals over all valid pixels of a split.
+
+  Attributes:
+    angle_sum: float32 sum of the angles (degrees).
+    angle_squared_sum: float32 sum of the squared angles.
+    within: [3] int32 pixels with an angle under each of NORMALS_ANGLE_BOUNDS.
+    histogram: [18000] int32 pixel counts per 0.01-degree bin (for the median).
+    num_valid: int32 number of valid pixels.
+  """
+
+  angle_sum: jax.Array
+  angle_squared_sum: jax.Array
+  within: jax.Array
+  histogram: jax.Array
+  num_valid: jax.Array
+
+  task: ClassVar[str] = "normals"
+
+  @classmethod
+  def empty(cls) -> NormalsErrors:
+    zero = jnp.zeros((), jnp.float32)
+    return cls(angle_sum=zero, angle_squared_sum=zero,
+               within=jnp.zeros((len(NORMALS_ANGLE_BOUNDS),), jnp.int32),
+               histogram=jnp.zeros((_NORMALS_BINS,), jnp.int32),
+               num_valid=jnp.zeros((), jnp.int32))
+
+  @classmethod
+  def from_model_output(cls, predictions: Mapping[str, jax.Array],
+                        labels: Mapping[str, jax.Array], example_mask: jax.Array | None = None,
+                        **_) -> NormalsErrors:
+    """predictions[task]: [B, H, W, 3] (any length); labels[task]: [B, H, W, 3], 0 = invalid."""
+    task = cls.task
+    if task not in predictions or task not in labels:
+      raise ValueError(f"metrics of task {task!r} need predictions[{task!r}] and "
+                       f"labels[{task!r}]; got predictions for {sorted(predictions)}, labels for "
+                       f"{sorted(labels)}")
+    pred, label = predictions[task], labels[task]
+    if pred.ndim != 4 or pred.shape[-1] != 3 or label.shape != pred.shape:
+      raise ValueError(f"{task}: predictions and labels must both be [B, H, W, 3], got "
+                       f"{pred.shape} and {label.shape}")
+    label = label.astype(jnp.float32)
+    valid = (_example_mask(example_mask, label.shape[0])[:, None, None]
+             & jnp.any(label != 0, axis=-1))
+
+    def unit(x):
+      x = x.astype(jnp.float32)
+      return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-12)
+
+    cosine = jnp.clip(jnp.sum(unit(pred) * unit(label), axis=-1), -1.0, 1.0)
+    angle = jnp.degrees(jnp.arccos(cosine))
+    bins = jnp.clip(jnp.floor(angle / NORMALS_BIN_DEGREES).astype(jnp.int32), 0,
+                    _NORMALS_BINS - 1)
+    bins = jnp.where(valid, bins, _NORMALS_BINS)  # out of range: dropped by bincount
+    within = jnp.stack([jnp.sum(valid & (angle < bound)) for bound in NORMALS_ANGLE_BOUNDS])
+    return cls(angle_sum=jnp.sum(jnp.where(valid, angle, 0.0)),
+               angle_squared_sum=jnp.sum(jnp.where(valid, angle ** 2, 0.0)),
+               within=within.astype(jnp.int32),
+               histogram=jnp.bincount(bins.reshape(-1), length=_NORMALS_BINS).astype(jnp.int32),
+               num_valid=jnp.sum(valid).astype(jnp.int32))
+
+  def merge(self, other: NormalsErrors) -> NormalsErrors:
+    return jax.tree.map(jnp.add, self, other)
+
+  def compute(self) -> dict[str, jax.Array]:
+    n = self.num_valid.astype(jnp.float32)
+    n = jnp.where(n > 0, n, jnp.nan)  # no valid normal: NaN, not a perfect 0 degrees
+    # Median: the first bin whose cumulative count reaches half of the pixels, at its centre.
+    cumulative = jnp.cumsum(self.histogram)
+    median_bin = jnp.argmax(cumulative.astype(jnp.float32) >= n / 2)
+    out = {
+        "mean_angle": self.angle_sum / n,
+        "median_angle": jnp.where(jnp.isnan(n), jnp.nan,
+                                  (median_bin + 0.5) * NORMALS_BIN_DEGREES),
+        "rmse_angle": jnp.sqrt(self.angle_squared_sum / n),
+    }
+    for bound, count in zip(NORMALS_ANGLE_BOUNDS, self.within):
+      out[f"within_{bound:g}"] = 100.0 * count.astype(jnp.float32) / n
+    return out
+
+
+@flax.struct.dataclass
+class EdgeLoss(clu_metrics.Metric):
+  """The edge task's online score: its weighted BCE over the pixels of a split (the survey's
+  `EdgeMeter`); odsF comes from `iterfuse_jax.boundary_eval` after training.
+
+  Attributes:
+    loss_sum: float32 sum over valid pixels of the per-pixel weighted BCE.
+    num_valid: int32 number of valid (non-255) pixels.
+  """
+
+  loss_sum: jax.Array
+  num_valid: jax.Array
+
+  task: ClassVar[str] = "edge"
+
+  @classmethod
+  def empty(cls) -> EdgeLoss:
+    return cls(loss_sum=jnp.zeros((), jnp.float32), num_valid=jnp.zeros((), jnp.int32))
+
+  @classmethod
+  def from_model_output(cls, predictions: Mapping[str, jax.Array],
+                        labels: Mapping[str, jax.Array], example_mask: jax.Array | None = None,
+                        **_) -> EdgeLoss:
+    """predictions[task]: [B, H, W, 1] logits; labels[task]: [B, H, W] in {0, 1}, 255 ignored."""
+    logits, label = _task_inputs(cls.task, predictions, labels, 1)
+    label = label.astype(jnp.float32)
+    x = logits[..., 0].astype(jnp.float32)
+    valid = _example_mask(example_mask, label.shape[0])[:, None, None] & (label != IGNORE_LABEL)
+    w = jnp.float32(task_registry.get_task(cls.task).loss_options["pos_weight"])
+    per_pixel = jnp.where(label >= 0.5, w * jax.nn.softplus(-x), (1 - w) * jax.nn.softplus(x))
+    return cls(loss_sum=jnp.sum(jnp.where(valid, per_pixel, 0.0)),
+               num_valid=jnp.sum(valid).astype(jnp.int32))
+
+  def merge(self, other: EdgeLoss) -> EdgeLoss:
+    return jax.tree.map(jnp.add, self, other)
+
+  def compute(self) -> dict[str, jax.Array]:
+    n = self.num_valid.astype(jnp.float32)
+    return {"loss": self.loss_sum / jnp.where(n > 0, n, jnp.nan)}
+
+
 def _metric_class(task: str, dataset: str) -> type[clu_metrics.Metric]:
   """The metric of `task`, specialised to it (its name and, for segmentation, class count)."""
   spec = task_registry.get_task(task)
@@ -286,6 +424,10 @@ def _metric_class(task: str, dataset: str) -> type[clu_metrics.Metric]:
     base = DepthErrors
   elif spec.kind == "binary":
     base = SaliencyScores
+  elif spec.kind == "normals":
+    base = NormalsErrors
+  elif spec.kind == "boundary":
+    base = EdgeLoss
   else:
     raise ValueError(f"task {task!r} has kind {spec.kind!r}, for which no metric exists")
   name = "".join(p.capitalize() for p in task.split("_")) + base.__name__
@@ -322,7 +464,9 @@ def make_eval_metrics(tasks: Sequence[str], dataset: str) -> type[EvalMetrics]:
     merged.compute()  # {"semseg/miou": ..., "semseg/pixel_acc": ..., "depth/rmse": ..., ...}
 
   Keys of `compute()`: "<seg task>/miou", "<seg task>/pixel_acc" (percent); "depth/rmse",
-  "depth/log_rmse", "depth/abs_rel"; "sal/max_iou", "sal/max_f" (percent).
+  "depth/log_rmse", "depth/abs_rel"; "sal/max_iou", "sal/max_f" (percent);
+  "normals/mean_angle", "normals/median_angle", "normals/rmse_angle" (degrees),
+  "normals/within_11.25", "normals/within_22.5", "normals/within_30" (percent); "edge/loss".
   """
   return _make_eval_metrics(tuple(tasks), dataset)
 
@@ -335,11 +479,12 @@ def headline_metrics(results: Mapping[str, Any], tasks: Sequence[str]) -> dict[s
     tasks: the tasks to report.
 
   Returns:
-    {task: value}: segmentation mIoU (%), depth RMSE (m), saliency maxIoU (%).
+    {task: value}: segmentation mIoU (%), depth RMSE (m), saliency maxIoU (%), normals mean
+    angular error (degrees), edge odsF (%, from boundary_eval).
   """
   out = {}
   for task in tasks:
-    key = f"{task}/{_HEADLINE_KEYS[task_registry.get_task(task).metric]}"
+    key = headline_key(task)
     if key not in results:
       raise ValueError(f"headline metric {key!r} of task {task!r} is missing from the results "
                        f"(keys: {sorted(results)})")
@@ -347,12 +492,40 @@ def headline_metrics(results: Mapping[str, Any], tasks: Sequence[str]) -> dict[s
   return out
 
 
+def headline_key(task: str) -> str:
+  """The results key of `task`'s headline metric ("semseg/miou", "edge/odsF", ...)."""
+  return f"{task}/{_HEADLINE_KEYS[task_registry.get_task(task).metric]}"
+
+
+def available_delta_m(results: Mapping[str, Any], stl_references: Mapping[str, float],
+                      tasks: Sequence[str]) -> tuple[float, tuple[str, ...]]:
+  """Delta_m over the tasks that can be scored now, and which those are.
+
+  During training, a task whose headline is computed offline (edge odsF, after training) has no
+  value yet, and a task without a single-task reference (normals and edge have none in the
+  paper) cannot enter Delta_m; both are left out here, and the caller reports which tasks were
+  used. An online task whose headline is missing is an error, as in `headline_metrics`.
+  `iterfuse_jax.compare` computes the full Delta_m of finished runs with `delta_m`.
+
+  Returns:
+    (Delta_m in percent, the tasks averaged over); (nan, ()) when no task qualifies.
+  """
+  measured = [t for t in tasks
+              if not task_registry.get_task(t).offline_metric or headline_key(t) in results]
+  headline = headline_metrics(results, measured)  # raises for a missing online headline
+  usable = tuple(t for t in measured if t in stl_references)
+  if not usable:
+    return float("nan"), ()
+  return delta_m(headline, stl_references, usable), usable
+
+
 def delta_m(headline: Mapping[str, float], stl_references: Mapping[str, float],
             tasks: Sequence[str]) -> float:
   """Multi-task performance Delta_m in percent (the paper's formula).
 
   Delta_m = (1/T) sum_t (-1)^{l_t} (M_t - M_stl,t) / M_stl,t * 100, with l_t = 1 when lower is
-  better for task t (depth RMSE), so any improvement over the single-task model is positive.
+  better for task t (depth RMSE, normals mean angle), so any improvement over the single-task
+  model is positive.
 
   Args:
     headline: {task: metric} from `headline_metrics`.

@@ -20,12 +20,19 @@ class TaskSpec:
   Attributes:
     name: registry key, also the key of the task's label in a batch and of its prediction.
     kind: "segmentation" (integer labels, softmax over classes), "regression" (one float channel,
-      0 marks invalid pixels) or "binary" (one logit channel, sigmoid).
+      0 marks invalid pixels), "binary" (one logit channel, sigmoid, scored per pixel),
+      "normals" (three channels, a surface normal normalised to unit length; an all-zero label
+      vector marks invalid pixels) or "boundary" (one logit channel, sigmoid, scored by matching
+      boundary pixels within a distance).
     num_outputs: output channels per dataset that has this task.
     loss: loss name understood by `iterfuse_jax.losses`.
     loss_weight: weight in the multi-task sum (the survey code's fixed weights).
     metric: name of the task's headline metric (the one that enters Delta_m).
     higher_is_better: sign of the metric in Delta_m.
+    loss_options: keyword arguments of the loss (edge: the survey's fixed positive weight).
+    offline_metric: the headline metric is not computed by the online metrics of
+      `iterfuse_jax.metrics` but after training, over saved predictions
+      (`iterfuse_jax.boundary_eval`: edge odsF).
   """
 
   name: str
@@ -35,6 +42,8 @@ class TaskSpec:
   loss_weight: float
   metric: str
   higher_is_better: bool
+  loss_options: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  offline_metric: bool = False
 
 
 TASKS: Mapping[str, TaskSpec] = {
@@ -50,12 +59,27 @@ TASKS: Mapping[str, TaskSpec] = {
     "sal": TaskSpec(
         name="sal", kind="binary", num_outputs={"pascal": 1},
         loss="balanced_bce", loss_weight=5.0, metric="maxIoU", higher_is_better=True),
+    # The survey code's configs (configs/*/mti_net*.yml): normals weight 10, L1 on unit-normalised
+    # predictions; edge weight 50, balanced BCE with a fixed positive weight `edge_w` 0.95.
+    "normals": TaskSpec(
+        name="normals", kind="normals", num_outputs={"nyud": 3, "pascal": 3},
+        loss="normals_l1", loss_weight=10.0, metric="mean_angle", higher_is_better=False),
+    "edge": TaskSpec(
+        name="edge", kind="boundary", num_outputs={"nyud": 1, "pascal": 1},
+        loss="weighted_bce", loss_weight=50.0, metric="odsF", higher_is_better=True,
+        loss_options={"pos_weight": 0.95}, offline_metric=True),
 }
 
 # The tasks the paper trains on each dataset.
 DEFAULT_TASKS: Mapping[str, tuple[str, ...]] = {
     "nyud": ("semseg", "depth"),
     "pascal": ("semseg", "human_parts", "sal"),
+}
+
+# The survey code's full task sets, which MTI-Net, ATRC and InvPT report.
+FULL_TASKS: Mapping[str, tuple[str, ...]] = {
+    "nyud": ("semseg", "depth", "normals", "edge"),
+    "pascal": ("semseg", "human_parts", "sal", "normals", "edge"),
 }
 
 

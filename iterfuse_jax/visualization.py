@@ -6,7 +6,10 @@ NumPy only (no plotting library). Colours:
     class, so its 40 classes use entries 1..40 and no class is black. Ignored pixels (255) are
     white, a colour no class has.
   * depth: a dark-purple -> blue -> green -> yellow ramp, near = bright; invalid (<= 0) black.
-  * saliency: grey level = probability (0 black, 1 white); ignored pixels (255) dark blue.
+  * saliency and edges: grey level = probability (0 black, 1 white); ignored pixels (255) dark
+    blue.
+  * normals: the usual (n + 1) / 2 -> RGB picture of the unit vector (x red, y green, z blue);
+    invalid (all-zero) pixels black.
 """
 
 from __future__ import annotations
@@ -144,6 +147,19 @@ def colorize_saliency(prob: np.ndarray) -> np.ndarray:
   return rgb
 
 
+def colorize_normals(normals: np.ndarray) -> np.ndarray:
+  """Normals [..., H, W, 3] (any length; all-zero = invalid) -> uint8 RGB [..., H, W, 3]:
+  round(255 * (n / |n| + 1) / 2), invalid pixels black."""
+  normals = np.asarray(normals, np.float64)
+  if normals.shape[-1] != 3:
+    raise ValueError(f"colorize_normals expects [..., H, W, 3], got shape {normals.shape}")
+  norm = np.linalg.norm(normals, axis=-1, keepdims=True)
+  valid = norm > 0
+  unit = normals / np.where(valid, norm, 1.0)
+  rgb = np.round(np.clip((unit + 1.0) / 2.0, 0.0, 1.0) * 255).astype(np.uint8)
+  return np.where(valid, rgb, 0).astype(np.uint8)
+
+
 def denormalize_image(x: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN,
                       std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
   """Undoes ImageNet normalisation: [..., H, W, 3] float ((rgb/255 - mean) / std) -> uint8."""
@@ -158,23 +174,29 @@ def task_to_rgb(task: str, dataset: str, x: np.ndarray, is_prediction: bool) -> 
   """A batch of one task's predictions or labels as uint8 RGB [B, H, W, 3].
 
   Args:
-    task: registry name ("semseg", "depth", "human_parts", "sal").
+    task: registry name ("semseg", "depth", "human_parts", "sal", "normals", "edge").
     dataset: "nyud" or "pascal" (palette, class count, depth range).
     x: if `is_prediction`, the network's output [B, H, W, C] (segmentation: logits, shown by
-      argmax; depth: metres in channel 0; saliency: a logit, shown as its sigmoid). Otherwise
-      [B, H, W] labels or post-processed predictions (segmentation: class ids, 255 ignored; depth:
-      metres, 0 invalid; saliency: {0, 1} labels or probabilities, 255 ignored).
+      argmax; depth: metres in channel 0; saliency and edge: a logit, shown as its sigmoid;
+      normals: 3 channels, normalised). Otherwise [B, H, W] labels or post-processed predictions
+      (segmentation: class ids, 255 ignored; depth: metres, 0 invalid; saliency and edge: {0, 1}
+      labels or probabilities, 255 ignored; normals: [B, H, W, 3], all-zero invalid).
     is_prediction: which of the two `x` is.
   """
   spec = task_registry.get_task(task)
   channels = task_registry.num_outputs(task, dataset)
   x = np.asarray(x)
+  if spec.kind == "normals":
+    if x.ndim != 4 or x.shape[-1] != 3:
+      raise ValueError(f"{task} {'prediction' if is_prediction else 'labels'} must be "
+                       f"[B, H, W, 3], got shape {x.shape}")
+    return colorize_normals(x)
   if is_prediction:
     if x.ndim != 4 or x.shape[-1] != channels:
       raise ValueError(f"{task} prediction must be [B, H, W, {channels}], got shape {x.shape}")
     if spec.kind == "segmentation":
       x = x.argmax(-1)
-    elif spec.kind == "binary":
+    elif spec.kind in ("binary", "boundary"):
       x = 1.0 / (1.0 + np.exp(-x[..., 0].astype(np.float64)))
     else:
       x = x[..., 0]
@@ -185,7 +207,7 @@ def task_to_rgb(task: str, dataset: str, x: np.ndarray, is_prediction: bool) -> 
       raise ValueError(f"{task} labels must be [B, H, W], got shape {x.shape}")
   if spec.kind == "segmentation":
     return colorize_segmentation(x.astype(np.int64), task, dataset)
-  if spec.kind == "binary":
+  if spec.kind in ("binary", "boundary"):
     return colorize_saliency(x)
   if spec.kind == "regression":
     vmin, vmax = DEPTH_RANGE.get(dataset, (None, None))

@@ -188,6 +188,27 @@ def test_demo_rows_config(arg, dataset, model):
 def test_demo_rows_rejects_unknown_rows():
   with pytest.raises(ValueError, match="unknown row 'atrc'"):
     importlib.import_module("configs.demo_rows").get_config("atrc")
+  with pytest.raises(ValueError, match="unknown row 'nyud_full_ifbA'"):
+    importlib.import_module("configs.demo_rows").get_config("nyud_full_ifbA")
+
+
+@pytest.mark.parametrize("dataset", ["nyud", "pascal"])
+@pytest.mark.parametrize("row", ["stl", "mtl", "padnet", "mtinet", "densemtl", "ifbC"])
+def test_full_task_rows(dataset, row):
+  from iterfuse_jax import tasks
+  config = importlib.import_module(f"configs.{dataset}_full_{row}").get_config()
+  base = importlib.import_module(f"configs.{dataset}_{row}").get_config()
+  assert tuple(config.dataset.tasks) == tasks.FULL_TASKS[dataset]
+  assert config.model.to_dict() == base.model.to_dict()
+  assert config.optimizer.to_dict() == base.optimizer.to_dict()
+  expected = {t: 1.0 for t in tasks.TASKS} if row == "stl" else {
+      t: tasks.get_task(t).loss_weight for t in tasks.TASKS}
+  assert config.loss_weights.to_dict() == expected
+  demo = importlib.import_module("configs.demo_rows").get_config(f"{dataset}_full_{row}")
+  assert tuple(demo.dataset.tasks) == tasks.FULL_TASKS[dataset]
+  assert demo.model.name == config.model.name and demo.synthetic_data.enabled
+  with pytest.raises(AttributeError):
+    config.not_a_field = 1  # locked
 
 
 def test_stl_best_is_each_tasks_own_best_evaluation(tmp_path):

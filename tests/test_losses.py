@@ -168,3 +168,67 @@ def test_multitask_loss_missing_weight():
   with pytest.raises(ValueError, match="no loss weight"):
     losses.multitask_loss({"final": {"semseg": jnp.zeros((1, 2, 2, 3))}},
                           {"semseg": jnp.zeros((1, 2, 2))}, ("semseg",), {"depth": 1.0})
+
+
+# ----------------------------------------------------------------------------- normals and edges
+
+
+def test_registry_weights_of_the_full_task_sets():
+  from iterfuse_jax import tasks
+  # The survey's configs: normals 10, edge 50 (semseg 1, depth 1, parts 2, sal 5); edge_w 0.95.
+  weights = {t: tasks.get_task(t).loss_weight for t in tasks.TASKS}
+  assert weights == {"semseg": 1.0, "depth": 1.0, "human_parts": 2.0, "sal": 5.0,
+                     "normals": 10.0, "edge": 50.0}
+  assert tasks.get_task("edge").loss_options == {"pos_weight": 0.95}
+  assert tasks.FULL_TASKS == {"nyud": ("semseg", "depth", "normals", "edge"),
+                              "pascal": ("semseg", "human_parts", "sal", "normals", "edge")}
+  from configs import default
+  assert default.get_config().loss_weights.to_dict() == weights
+
+
+def test_normals_l1_normalises_the_prediction_and_skips_invalid_pixels():
+  pred = np.array([[[[2.0, 0.0, 0.0], [0.0, 3.0, 0.0]],
+                    [[0.0, 0.0, -5.0], [7.0, 7.0, 7.0]]]], np.float32)  # [1, 2, 2, 3]
+  label = np.array([[[[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]],
+                     [[0.0, 0.6, -0.8], [0.0, 0.0, 0.0]]]], np.float32)  # last pixel invalid
+  # Pixel 0: unit (1, 0, 0) -> 0. Pixel 1: (0, 1, 0) vs (1, 0, 0) -> 1 + 1 + 0.
+  # Pixel 2: (0, 0, -1) vs (0, 0.6, -0.8) -> 0 + 0.6 + 0.2. Mean over 3 pixels x 3 components.
+  value = losses.normals_l1(jnp.asarray(pred), jnp.asarray(label))
+  np.testing.assert_allclose(value, (0 + 2 + 0.8) / 9, rtol=1e-6)
+  assert float(losses.normals_l1(jnp.ones((1, 2, 2, 3)), jnp.zeros((1, 2, 2, 3)))) == 0.0
+  grad = jax.grad(losses.normals_l1)(jnp.ones((1, 2, 2, 3)), jnp.zeros((1, 2, 2, 3)))
+  assert np.all(np.isfinite(grad))
+  with pytest.raises(ValueError, match=r"labels of shape \(1, 2, 2\) do not match"):
+    losses.normals_l1(jnp.ones((1, 2, 2, 3)), jnp.zeros((1, 2, 2)))
+
+
+def test_edge_loss_has_the_fixed_positive_weight():
+  # One positive, three negatives, logits 0: every pixel costs log 2; w = 0.95, not 3/4.
+  labels = jnp.array([[[1.0, 0.0], [0.0, 0.0]]])
+  value = losses.task_loss("edge", jnp.zeros((1, 2, 2, 1)), labels)
+  np.testing.assert_allclose(value, (0.95 * np.log(2) + 0.05 * 3 * np.log(2)) / 4, rtol=1e-6)
+  # The saliency loss on the same batch balances with the fraction of negatives instead.
+  np.testing.assert_allclose(losses.task_loss("sal", jnp.zeros((1, 2, 2, 1)), labels),
+                             (0.75 * np.log(2) + 0.25 * 3 * np.log(2)) / 4, rtol=1e-6)
+  with pytest.raises(ValueError, match=r"pos_weight must be in \[0, 1\]"):
+    losses.weighted_bce(jnp.zeros((1, 2, 2, 1)), labels, pos_weight=1.5)
+
+
+def test_multitask_loss_with_normals_and_edges_uses_registry_weights():
+  rng = np.random.default_rng(5)
+  normals = rng.normal(size=(2, 6, 8, 3)).astype(np.float32)
+  normals /= np.linalg.norm(normals, axis=-1, keepdims=True)
+  normals[0, :2] = 0  # invalid rows
+  batch = {"normals": jnp.asarray(normals),
+           "edge": jnp.asarray((rng.uniform(size=(2, 6, 8)) < 0.1).astype(np.int32))}
+  outputs = {"final": {"normals": jnp.asarray(rng.normal(size=(2, 3, 4, 3)), jnp.float32),
+                       "edge": jnp.asarray(rng.normal(size=(2, 3, 4, 1)), jnp.float32)}}
+  total, parts = losses.multitask_loss(outputs, batch, ("normals", "edge"))
+  resized = {t: losses._to_label_size(v, (6, 8))  # pylint: disable=protected-access
+             for t, v in outputs["final"].items()}
+  np.testing.assert_allclose(parts["final/normals"],
+                             losses.normals_l1(resized["normals"], batch["normals"]), rtol=1e-6)
+  np.testing.assert_allclose(
+      parts["final/edge"], losses.weighted_bce(resized["edge"], batch["edge"], 0.95), rtol=1e-6)
+  np.testing.assert_allclose(total, 10 * parts["final/normals"] + 50 * parts["final/edge"],
+                             rtol=1e-6)

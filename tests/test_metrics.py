@@ -257,7 +257,7 @@ def test_headline_and_delta_m_errors():
   with pytest.raises(ValueError, match="reference"):
     metrics.delta_m({"semseg": 1.0}, {}, ("semseg",))
   with pytest.raises(ValueError, match="unknown task"):
-    metrics.make_eval_metrics(("normals",), "nyud")
+    metrics.make_eval_metrics(("albedo",), "nyud")
   with pytest.raises(ValueError, match="no labels in dataset"):
     metrics.make_eval_metrics(("sal",), "nyud")
 
@@ -297,3 +297,89 @@ def test_batch_sharded_over_two_devices_equals_one_device(nyud_cls, nyud_update)
   np.testing.assert_array_equal(on_two.semseg.matrix, on_one.semseg.matrix)
   for key, value in on_one.compute().items():
     np.testing.assert_allclose(on_two.compute()[key], value, rtol=1e-6, err_msg=key)
+
+
+# ----------------------------------------------------------------------------- normals and edges
+
+
+def _normals_at_angles(angles_deg):
+  """Ground truth (0, 0, -1) and predictions tilted by each angle about the x axis (unnormalised
+  by a factor 3, which the metric must undo)."""
+  a = np.radians(np.asarray(angles_deg, np.float64))
+  pred = 3 * np.stack([np.zeros_like(a), np.sin(a), -np.cos(a)], -1)
+  label = np.broadcast_to(np.array([0.0, 0.0, -1.0]), pred.shape)
+  return pred.astype(np.float32), label.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def full_nyud_cls():
+  return metrics.make_eval_metrics(("semseg", "depth", "normals", "edge"), "nyud")
+
+
+def test_normals_metric_hand_computed(full_nyud_cls):
+  angles = np.array([[[0.0, 10.0, 20.0], [25.0, 40.0, 90.0]],
+                     [[170.0, 5.0, 0.0], [0.0, 0.0, 0.0]]])  # [2, 2, 3]
+  pred, label = _normals_at_angles(angles)
+  label = label.copy()
+  label[1, 1] = 0.0  # invalid pixels: the second image's last row
+  mask = np.array([True, True])
+  cls = metrics.make_eval_metrics(("normals",), "nyud")
+  state = cls.single_from_model_output(predictions={"normals": jnp.asarray(pred)},
+                                       labels={"normals": jnp.asarray(label)},
+                                       example_mask=jnp.asarray(mask))
+  got = state.compute()
+  valid = np.array([0.0, 10.0, 20.0, 25.0, 40.0, 90.0, 170.0, 5.0, 0.0])
+  np.testing.assert_allclose(got["normals/mean_angle"], valid.mean(), atol=1e-3)
+  np.testing.assert_allclose(got["normals/rmse_angle"], np.sqrt((valid ** 2).mean()), atol=1e-3)
+  np.testing.assert_allclose(got["normals/median_angle"], np.median(valid), atol=0.006)
+  np.testing.assert_allclose(got["normals/within_11.25"], 100 * 4 / 9, rtol=1e-6)
+  np.testing.assert_allclose(got["normals/within_22.5"], 100 * 5 / 9, rtol=1e-6)
+  np.testing.assert_allclose(got["normals/within_30"], 100 * 6 / 9, rtol=1e-6)
+  # Merging the images one by one equals scoring them together; a masked image counts nothing.
+  one = [cls.single_from_model_output(predictions={"normals": jnp.asarray(pred[i:i + 1])},
+                                      labels={"normals": jnp.asarray(label[i:i + 1])})
+         for i in range(2)]
+  merged = one[0].merge(one[1]).compute()
+  for key, value in got.items():
+    np.testing.assert_allclose(merged[key], value, rtol=1e-6)
+  masked = cls.single_from_model_output(
+      predictions={"normals": jnp.asarray(pred)}, labels={"normals": jnp.asarray(label)},
+      example_mask=jnp.asarray([True, False])).compute()
+  np.testing.assert_allclose(masked["normals/mean_angle"], angles[0].mean(), atol=1e-3)
+  assert np.isnan(float(cls.empty().compute()["normals/mean_angle"]))
+
+
+def test_edge_online_metric_and_headline_from_boundary_eval(full_nyud_cls):
+  labels = np.zeros((1, 2, 2), np.int32)
+  labels[0, 0, 0] = 1
+  labels[0, 1, 1] = 255  # padding: left out
+  state = metrics.make_eval_metrics(("edge",), "nyud").single_from_model_output(
+      predictions={"edge": jnp.zeros((1, 2, 2, 1))}, labels={"edge": jnp.asarray(labels)})
+  np.testing.assert_allclose(state.compute()["edge/loss"],
+                             (0.95 * np.log(2) + 0.05 * 2 * np.log(2)) / 3, rtol=1e-6)
+  assert metrics.headline_key("edge") == "edge/odsF"
+  assert metrics.headline_key("normals") == "normals/mean_angle"
+  assert set(full_nyud_cls.empty().compute()) >= {"normals/mean_angle", "edge/loss"}
+
+
+def test_delta_m_signs_and_available_tasks_of_the_full_sets():
+  stl = {"semseg": 40.0, "depth": 0.6, "normals": 20.0, "edge": 70.0}
+  # Lower mean angle and higher odsF are improvements.
+  assert metrics.delta_m({"normals": 19.0}, stl, ("normals",)) == pytest.approx(5.0)
+  assert metrics.delta_m({"edge": 77.0}, stl, ("edge",)) == pytest.approx(10.0)
+  tasks = ("semseg", "depth", "normals", "edge")
+  online = {"semseg/miou": 44.0, "depth/rmse": 0.6, "normals/mean_angle": 19.0}
+  # During training: odsF pending -> Delta_m over the other three.
+  value, used = metrics.available_delta_m(online, stl, tasks)
+  assert used == ("semseg", "depth", "normals") and value == pytest.approx((10 + 0 + 5) / 3)
+  # After the boundary evaluation, all four; tasks without a reference (paper configs) drop out.
+  value, used = metrics.available_delta_m({**online, "edge/odsF": 77.0}, stl, tasks)
+  assert used == tasks and value == pytest.approx((10 + 0 + 5 + 10) / 4)
+  paper_refs = {"semseg": 40.0, "depth": 0.6}
+  assert metrics.available_delta_m({**online, "edge/odsF": 77.0}, paper_refs, tasks)[1] == (
+      "semseg", "depth")
+  # A missing online headline is still an error, and the strict Delta_m needs every task.
+  with pytest.raises(ValueError, match="normals/mean_angle"):
+    metrics.available_delta_m({"semseg/miou": 1.0, "depth/rmse": 1.0}, stl, tasks)
+  with pytest.raises(ValueError, match="edge/odsF"):
+    metrics.headline_metrics(online, tasks)

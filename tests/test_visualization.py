@@ -119,3 +119,23 @@ def test_task_to_rgb_predictions_and_labels():
     vis.task_to_rgb("semseg", "nyud", logits, True)
   with pytest.raises(ValueError, match=r"\[B, H, W\]"):
     vis.task_to_rgb("semseg", "pascal", labels[0], False)
+
+
+def test_normals_and_edges_pictures():
+  normals = np.zeros((1, 2, 2, 3), np.float32)
+  normals[0, 0, 0] = (0, 0, -1)
+  normals[0, 0, 1] = (3, 0, 0)  # a raw prediction: normalised first
+  rgb = vis.task_to_rgb("normals", "nyud", normals, is_prediction=False)
+  assert rgb.shape == (1, 2, 2, 3) and rgb.dtype == np.uint8
+  assert rgb[0, 0, 0].tolist() == [128, 128, 0] and rgb[0, 0, 1].tolist() == [255, 128, 128]
+  assert np.all(rgb[0, 1] == 0)  # invalid: black
+  np.testing.assert_array_equal(vis.task_to_rgb("normals", "pascal", normals, is_prediction=True),
+                                rgb)
+  edge = vis.task_to_rgb("edge", "pascal", np.full((1, 2, 2, 1), 50.0), is_prediction=True)
+  assert np.all(edge == 255)
+  labels = np.array([[[0, 1], [255, 1]]])
+  pic = vis.task_to_rgb("edge", "nyud", labels, is_prediction=False)
+  assert pic[0, 0, 0].tolist() == [0, 0, 0] and pic[0, 0, 1].tolist() == [255, 255, 255]
+  assert pic[0, 1, 0].tolist() == list(vis.SALIENCY_IGNORE_RGB)
+  with pytest.raises(ValueError, match=r"\[B, H, W, 3\]"):
+    vis.task_to_rgb("normals", "nyud", np.zeros((1, 2, 2)), is_prediction=False)

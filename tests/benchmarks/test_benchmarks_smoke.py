@@ -2,7 +2,7 @@
 
 import json
 
-from benchmarks import ifb_memory
+from benchmarks import boundary_eval, ifb_memory
 
 
 def test_ifb_memory_benchmark_smoke(tmp_path, capsys):
@@ -31,3 +31,13 @@ def test_ifb_memory_benchmark_isolated_setting_smoke(capsys):
   row = lines[2].split()
   assert row[:4] == ["ifb", "streamed", "3x3", "9"]
   assert "measured =" in lines[-1]
+
+
+def test_boundary_eval_benchmark_smoke(capsys):
+  assert boundary_eval.main(["--images", "1", "--workers", "1", "--scale", "0.125"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0].endswith("99 thresholds")
+  rows = [line.split("|")[1:-1] for line in lines[3:]]
+  assert [(r[0].strip(), r[1].strip(), r[2].strip()) for r in rows] == [
+      ("nyud", "60x80", "0.011"), ("pascal", "47x62", "0.0075")]
+  assert all(float(r[4]) > 0 and 0 <= float(r[5]) <= 100 for r in rows)

@@ -139,7 +139,8 @@ def _pascal_from_real_samples(samples: str, out: str) -> dict[str, dict[str, np.
 def test_real_pascal_labels_round_trip_through_the_builder(shared_data_dir, tmp_path):
   root = str(tmp_path / "PASCAL_MT")
   expected = _pascal_from_real_samples(str(shared_data_dir / "pascal_samples"), root)
-  builder = builders.get_builder("pascal", pascal_context.TASKS, str(tmp_path / "prepared"))
+  builder = builders.get_builder("pascal", ("semseg", "human_parts", "sal"),
+                                 str(tmp_path / "prepared"))
   builders.prepare(builder, root)
   source = builder.as_data_source(split="train")
   assert len(source) == len(expected)
@@ -202,7 +203,8 @@ def test_split_size_differing_from_published_warns(nyud_copy):
 
 
 @pytest.mark.parametrize("relative", ["images/000001.jpg", "segmentation/000001.png",
-                                      "depth/000001.npy"])
+                                      "depth/000001.npy", "normals/000001.npy",
+                                      "edge/000001.npy"])
 def test_missing_nyud_file(nyud_copy, relative):
   os.remove(os.path.join(nyud_copy, relative))
   with pytest.raises(FileNotFoundError, match=relative.replace(".", r"\.") + " not found"):
@@ -210,7 +212,9 @@ def test_missing_nyud_file(nyud_copy, relative):
 
 
 @pytest.mark.parametrize("relative", ["JPEGImages/2008_000001.jpg", "human_parts/2008_000001.mat",
-                                      "sal_distill/2008_000001.png"])
+                                      "sal_distill/2008_000001.png",
+                                      "normals_distill/2008_000001.png",
+                                      "pascal-context/trainval/2008_000001.mat"])
 def test_missing_pascal_file(pascal_copy, relative):
   os.remove(os.path.join(pascal_copy, relative))
   with pytest.raises(FileNotFoundError, match=relative.replace(".", r"\.") + " not found"):
@@ -299,6 +303,43 @@ def test_human_parts_decoding_rules(pascal_copy):
   assert np.all(parts == 255)
 
 
+def _read_parts(pascal_copy, objects):
+  path = os.path.join(pascal_copy, "human_parts", "2008_000000.mat")
+  scipy.io.savemat(path, {"anno": synthetic._mat_struct(objects)})  # pylint: disable=protected-access
+  return pascal_context.read_example(pascal_copy, "2008_000000", ("human_parts",))["human_parts"]
+
+
+def test_human_parts_with_only_empty_masks_are_ignored(pascal_copy):
+  """The survey's loader: a person whose part masks are all empty paints nothing, the map stays
+  all background and AddIgnoreRegions makes it 255; a person with an empty instance mask does
+  not count as a person (has_human_parts); no person at all: 255 as well."""
+  shape = np.asarray(Image.open(os.path.join(pascal_copy, "JPEGImages", "2008_000000.jpg"))).shape
+  body = np.zeros(shape[:2], bool)
+  body[2:10, 3:8] = True
+  empty = np.zeros_like(body)
+  # A hand-made .mat: a person with parts whose masks are all empty.
+  parts = _read_parts(pascal_copy, [("person", 15, body, [("head", empty), ("torso", empty)])])
+  assert parts.dtype == np.uint8 and np.all(parts == 255)
+  # Parts drawn, but the person's instance mask is empty: the survey skips the image.
+  assert np.all(_read_parts(pascal_copy, [("person", 15, empty, [("head", body)])]) == 255)
+  # No person at all; a person without parts.
+  assert np.all(_read_parts(pascal_copy, [("car", 7, body, [])]) == 255)
+  assert np.all(_read_parts(pascal_copy, [("person", 15, body, [])]) == 255)
+  # One real part among empty ones is enough: background 0 elsewhere.
+  head = np.zeros_like(body)
+  head[2, 3] = True
+  parts = _read_parts(pascal_copy, [("person", 15, body, [("torso", empty), ("head", head)])])
+  assert parts[2, 3] == 1 and set(np.unique(parts)) == {0, 1}
+  # Through the pipeline, the ignored map stays ignore in training and evaluation batches.
+  _read_parts(pascal_copy, [("person", 15, body, [("head", empty)])])
+  cfg = dataset_config("pascal", pascal_copy, tasks=("human_parts",), augment=False,
+                       eval_split="train")
+  batch = next(iter(pipeline.create_eval_dataset(cfg, 1)))
+  assert batch["image_id"][0] == "2008_000000" and np.all(batch["human_parts"][0] == 255)
+  train = next(iter(pipeline.create_train_dataset(cfg, 2, seed=0)))
+  assert any(np.all(m == 255) for m in train["human_parts"])
+
+
 @pytest.mark.parametrize("dataset,value", [("nyud", 41), ("pascal", 21)])
 def test_unexpected_label_value(nyud_copy, pascal_copy, dataset, value):
   if dataset == "nyud":
@@ -351,3 +392,150 @@ def test_prepared_copy_is_redone_when_the_folder_is_rewritten(tmp_path):
   # Without the extracted folder, the prepared copy still serves.
   shutil.rmtree(root)
   assert pipeline.num_examples(cfg, "train") == 3
+
+
+# ----------------------------------------------------------------------------- normals and edges
+
+
+def test_nyud_normals_and_edges_in_the_published_format(nyud_copy):
+  for image_id in ("000000", "000001", "000002"):
+    raw_normals = np.load(os.path.join(nyud_copy, "normals", f"{image_id}.npy"))
+    raw_edge = np.load(os.path.join(nyud_copy, "edge", f"{image_id}.npy"))
+    assert raw_normals.dtype == np.float32 and raw_normals.shape == (*SIZE, 3)
+    assert raw_edge.shape == SIZE and set(np.unique(raw_edge)) <= {0.0, 1.0}
+    ex = nyud.read_example(nyud_copy, image_id, nyud.TASKS)
+    np.testing.assert_array_equal(ex["normals"], raw_normals)
+    np.testing.assert_array_equal(ex["edge"], raw_edge.astype(np.uint8))
+    valid = np.any(ex["normals"] != 0, -1)
+    np.testing.assert_allclose(np.linalg.norm(ex["normals"][valid], axis=-1), 1, atol=1e-5)
+    np.testing.assert_array_equal(valid, ex["depth"] > 0)  # no normal without a depth reading
+
+
+def test_nyud_real_sample_normals_and_edges(shared_data_dir, tmp_path):
+  root = shared_data_dir / "nyud_mt_sample"
+  if not (root / "normals").is_dir() or not (root / "edge").is_dir():
+    pytest.skip(f"the NYUD_MT sample at {root} has no normals/ or edge/ folder")
+  cfg = config_lib.get_dataset_config("nyud")
+  cfg.data_dir, cfg.prepared_dir = str(root), str(tmp_path)
+  cfg.tasks = ("normals", "edge")
+  batch = next(iter(pipeline.create_eval_dataset(cfg, 1)))
+  image_id = batch["image_id"][0]
+  raw = np.load(root / "normals" / f"{image_id}.npy")
+  np.testing.assert_array_equal(batch["normals"][0], raw.astype(np.float32))
+  np.testing.assert_array_equal(batch["edge"][0],
+                                np.load(root / "edge" / f"{image_id}.npy") >= 0.5)
+
+
+def test_bad_nyud_normals_and_edges(nyud_copy):
+  path = os.path.join(nyud_copy, "normals", "000000.npy")
+  np.save(path, np.zeros(SIZE, np.float32))
+  with pytest.raises(io_utils.DataError, match=r"normals label .*000000\.npy is float32 of shape "
+                     r"\(24, 32\); expected a float \[H, W, 3\]"):
+    nyud.read_example(nyud_copy, "000000", ("normals",))
+  np.save(path, np.full((*SIZE, 3), 2.0, np.float32))
+  with pytest.raises(io_utils.DataError, match=r"components outside \[-1, 1\]"):
+    nyud.read_example(nyud_copy, "000000", ("normals",))
+  np.save(path, np.zeros((SIZE[0], SIZE[1] + 1, 3), np.float32))
+  with pytest.raises(io_utils.DataError, match=r"normals label .*000000\.npy is 24x33"):
+    nyud.read_example(nyud_copy, "000000", ("normals",))
+  path = os.path.join(nyud_copy, "edge", "000000.npy")
+  np.save(path, np.full(SIZE, 255, np.uint8))
+  with pytest.raises(io_utils.DataError, match=r"edge label .*000000\.npy holds values outside "
+                     r"\[0, 1\] \(range 255.0..255.0\)"):
+    nyud.read_example(nyud_copy, "000000", ("edge",))
+
+
+def _write_context(pascal_copy, image_id, labels):
+  scipy.io.savemat(os.path.join(pascal_copy, "pascal-context", "trainval", f"{image_id}.mat"),
+                   {"LabelMap": labels.astype(np.uint16)})
+
+
+def test_pascal_normals_only_on_classes_shared_with_nyud(pascal_copy):
+  image_id = "2008_000000"
+  shape = np.asarray(Image.open(os.path.join(pascal_copy, "JPEGImages", f"{image_id}.jpg"))).shape
+  labels = np.full(shape[:2], 360)  # sky: not a NYUD-v2 class
+  labels[:, :8] = 284  # person
+  labels[:4, 8:16] = 427  # tvmonitor: the survey's custom addition
+  labels[4:, 8:16] = 187  # grass
+  _write_context(pascal_copy, image_id, labels)
+  png = np.random.default_rng(0).integers(0, 256, (*shape[:2], 3)).astype(np.uint8)
+  Image.fromarray(png, mode="RGB").save(
+      os.path.join(pascal_copy, "normals_distill", f"{image_id}.png"))
+  normals = pascal_context.read_example(pascal_copy, image_id, ("normals",))["normals"]
+  expected = 2.0 * png.astype(np.float32) / 255.0 - 1.0
+  valid = np.isin(labels, [284, 427])
+  np.testing.assert_array_equal(normals[valid], expected[valid])
+  assert np.all(normals[~valid] == 0)
+  assert {284, 427} <= pascal_context.NORMALS_VALID_CLASSES
+  # Sky, grass, ground, unknown.
+  assert not {360, 187, 189, 431} & pascal_context.NORMALS_VALID_CLASSES
+  assert len(pascal_context.NORMALS_VALID_CLASSES) == 170
+  Image.fromarray(png[..., 0], mode="L").save(
+      os.path.join(pascal_copy, "normals_distill", f"{image_id}.png"))
+  with pytest.raises(io_utils.DataError, match=r"normals label .*2008_000000\.png has PIL mode "
+                     r"'L'; expected an 8-bit RGB"):
+    pascal_context.read_example(pascal_copy, image_id, ("normals",))
+
+
+def test_pascal_edges_from_the_label_map(pascal_copy):
+  image_id = "2008_000000"
+  shape = np.asarray(Image.open(os.path.join(pascal_copy, "JPEGImages", f"{image_id}.jpg"))).shape
+  labels = np.full(shape[:2], 5)
+  labels[:, 10:] = 9  # one vertical boundary between columns 9 and 10
+  _write_context(pascal_copy, image_id, labels)
+  ex = pascal_context.read_example(pascal_copy, image_id, ("edge",))
+  # Laplacian != 0 on both columns 9 and 10; thinning keeps a one-pixel line (which loses a
+  # pixel at an end).
+  assert set(np.flatnonzero(ex["edge"].any(0))) <= {9, 10}
+  rows = ex["edge"].sum(1)
+  assert np.all(rows <= 1) and np.all(rows[1:-1] == 1)
+  # The evaluation's ground truth is SEISM's seg2bmap: the left pixel of each pair.
+  expected = np.zeros(shape[:2], np.uint8)
+  expected[:, 9] = 1
+  np.testing.assert_array_equal(ex["edge_gt"], expected)
+
+
+def test_seg2bmap_rules():
+  seg = np.array([[1, 1, 2],
+                  [1, 3, 2],
+                  [1, 1, 1]])
+  # Right, lower or lower-right neighbour differs; last row: right only; last column: lower
+  # only; the corner never.
+  np.testing.assert_array_equal(pascal_context.boundary_ground_truth(seg),
+                                [[1, 1, 0],
+                                 [1, 1, 1],
+                                 [0, 0, 0]])
+
+
+def test_edge_laplacian_equals_opencv_on_real_pascal_context_labels(shared_data_dir):
+  import cv2
+  samples = shared_data_dir / "pascal_samples"
+  cmap = np.load(samples / "cmap.npy").astype(np.int64)
+  code = {tuple(c): i for i, c in enumerate(cmap)}
+  names = sorted(p.name for p in (samples / "Context").glob("*.png"))
+  assert names
+  for name in names:
+    rgb = np.asarray(Image.open(samples / "Context" / name).convert("RGB")).astype(np.int64)
+    labels = np.vectorize(lambda r, g, b: code[(r, g, b)])(rgb[..., 0], rgb[..., 1], rgb[..., 2])
+    ours = pascal_context._laplacian(labels)  # pylint: disable=protected-access
+    np.testing.assert_array_equal(ours, cv2.Laplacian(labels.astype(np.float64), cv2.CV_64F))
+    edge = pascal_context.edges_from_labels(labels)
+    boundary = ours != 0
+    assert edge.any() and np.all(boundary[edge > 0])  # thinned: a subset of the raw response
+    assert edge.sum() < boundary.sum()
+
+
+def test_full_task_sets_round_trip_through_the_builders(base_dirs, tmp_path):
+  for dataset, reader, split_id in (("nyud", nyud, "000002"), ("pascal", pascal_context,
+                                                                "2009_000002")):
+    builder = builders.get_builder(dataset, reader.TASKS, str(tmp_path / dataset))
+    builders.prepare(builder, base_dirs[dataset])
+    record = builder.as_data_source(split="val")[0]
+    assert record["image_id"].decode() == split_id
+    expected = reader.read_example(base_dirs[dataset], split_id, reader.TASKS)
+    np.testing.assert_array_equal(transforms.decode_normals(record["normals"]),
+                                  expected["normals"])
+    np.testing.assert_array_equal(record["edge"][..., 0], expected["edge"])
+    gt_key = builders.BOUNDARY_GT_FEATURE[dataset]
+    np.testing.assert_array_equal(record[gt_key][..., 0], expected[gt_key])
+  assert builders.BOUNDARY_GT_FEATURE == {"nyud": "edge", "pascal": "edge_gt"}

@@ -127,3 +127,52 @@ def test_cli_writes_a_folder_and_rejects_bad_arguments(tmp_path):
   bad = subprocess.run(cmd[:4] + ["kitti", "--out", str(out)], cwd=REPO, capture_output=True,
                        text=True, check=False)
   assert bad.returncode == 2 and "invalid choice: 'kitti'" in bad.stderr
+
+
+def test_nyud_normals_follow_the_room_geometry_and_edges_its_surfaces(nyud_dir):
+  floor, wall, ceiling = (nyud.NYU_CLASS_IDS[c] for c in ("floor", "wall", "ceiling"))
+  for index in range(8):
+    ex = nyud.read_example(nyud_dir, f"{index:06d}", nyud.TASKS)
+    semseg, depth, normals, edge = ex["semseg"], ex["depth"], ex["normals"], ex["edge"]
+    valid = np.any(normals != 0, -1)
+    np.testing.assert_array_equal(valid, depth > 0)
+    np.testing.assert_allclose(np.linalg.norm(normals[valid], axis=-1), 1, atol=1e-5)
+    # Every visible surface faces the camera: the normal points against the pixel's ray (the
+    # NYUD-v2 intrinsics the renderer uses; x right, y down, z forward).
+    v, u = np.mgrid[0:H, 0:W] + 0.5
+    rays = np.stack([(u - W / 2) / (518.8 * W / 640), (v - H / 2) / (519.5 * H / 480),
+                     np.ones((H, W))], -1)
+    assert np.all(np.sum(normals * rays, -1)[valid] < 0)
+    # The floor is one plane facing up (y points down) and the ceiling the opposite one.
+    up = normals[(semseg == floor) & valid]
+    assert len(up) > 10 and np.ptp(up, axis=0).max() < 1e-5 and up[0, 1] < -0.9
+    down = normals[(semseg == ceiling) & valid]
+    if len(down):
+      np.testing.assert_allclose(down[0] * [1, -1, 1], up[0] * [1, 1, -1], atol=1e-5)
+    # Walls stand upright: perpendicular to the floor.
+    walls = normals[(semseg == wall) & valid]
+    np.testing.assert_allclose(walls @ up[0], 0, atol=1e-5)
+    # Edges are the surface boundaries, thinned: they lie on the void boundaries between labels
+    # (walls keep their label there) and cover most of them.
+    void = semseg == 255
+    assert 0.01 < edge.mean() < 0.3
+    assert np.all(np.isin(semseg[edge == 1], [255, wall])) and edge[void].mean() > 0.5
+
+
+def test_pascal_normals_and_context_labels_agree_with_the_objects(pascal_dir):
+  context_of = {0: None, 5: 34, 7: 59, 15: 284, 16: 308, 20: 427}
+  for image_id in pascal_context.split_ids(pascal_dir, "train"):
+    ex = pascal_context.read_example(pascal_dir, image_id, pascal_context.TASKS)
+    context = pascal_context.read_context_labels(pascal_dir, image_id, ex["image"].shape[:2])
+    semseg, normals = ex["semseg"], ex["normals"]
+    for voc, ctx in context_of.items():
+      if ctx is not None:
+        assert np.all(context[semseg == voc] == ctx)
+    assert np.all(np.isin(context[semseg == 0], [360, 189]))  # sky, ground
+    valid = np.any(normals != 0, -1)
+    np.testing.assert_array_equal(valid, np.isin(context,
+                                                 sorted(pascal_context.NORMALS_VALID_CLASSES)))
+    np.testing.assert_allclose(np.linalg.norm(normals[valid], axis=-1), 1, atol=0.02)
+    assert np.all(normals[valid][:, 2] < 0)  # facing the camera
+    # Edges lie on label-map boundaries.
+    assert ex["edge"].any() and np.all(pascal_context._laplacian(context)[ex["edge"] > 0] != 0)  # pylint: disable=protected-access

@@ -177,3 +177,138 @@ def test_eval_transform_pads_labels_at_original_size():
   assert np.all(out["depth"][H:] == 0)
   np.testing.assert_array_equal(out["original_size"], [H, W])
   assert out["example_mask"] and out["image_id"] == "x"
+
+
+# ----------------------------------------------------------------------------- normals and edges
+
+S = 48  # square frame of the sphere tests
+R = 20.0  # sphere radius in pixels
+
+
+def sphere_normals() -> np.ndarray:
+  """Normals [S, S, 3] of a sphere centred in the frame, seen from the front (x right, y down,
+  facing the camera); 0 outside it. A rotation about the centre leaves this scene unchanged."""
+  v, u = np.mgrid[0:S, 0:S] + 0.5 - S / 2
+  inside = u ** 2 + v ** 2 < R ** 2
+  z = -np.sqrt(np.maximum(R ** 2 - u ** 2 - v ** 2, 0.0))
+  normals = np.stack([u, v, z], -1) / R
+  return np.where(inside[..., None], normals, 0.0).astype(np.float32)
+
+
+def sphere_example() -> dict[str, np.ndarray]:
+  normals = sphere_normals()
+  image = transforms.encode_normals_uint8(normals)[..., :3]
+  return {"image": image, "normals": normals}
+
+
+def angles_deg(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """Angle between the vectors of a and b; NaN where either is invalid (zero)."""
+  with np.errstate(invalid="ignore", divide="ignore"):
+    cos = np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+  return np.degrees(np.arccos(np.clip(cos, -1, 1)))
+
+
+def test_flip_negates_the_x_component_of_normals():
+  example = sphere_example()
+  flipped = transforms.hflip(example)
+  np.testing.assert_array_equal(flipped["normals"][..., 1:], example["normals"][:, ::-1, 1:])
+  np.testing.assert_array_equal(flipped["normals"][..., 0], -example["normals"][:, ::-1, 0])
+  # The mirrored sphere is the sphere: flipping with the image, normals stay geometric.
+  np.testing.assert_allclose(flipped["normals"], sphere_normals(), atol=1e-6)
+  assert example["normals"][24, 40, 0] > 0  # the input is not modified
+
+
+@pytest.mark.parametrize("angle", [15.0, -30.0, 90.0])
+def test_rotation_turns_normals_with_the_image(angle):
+  sphere = sphere_normals()
+  out = transforms.rotate_scale(sphere_example(), angle=angle, scale=1.0)["normals"]
+  v, u = np.mgrid[0:S, 0:S] + 0.5 - S / 2
+  interior = u ** 2 + v ** 2 < (R - 2) ** 2
+  # A sphere turned about its centre is the same sphere: up to nearest sampling (< 1 pixel,
+  # a few degrees here), the rotated normals are the sphere's normals at the same pixels.
+  assert angles_deg(out, sphere)[interior].max() < 5.0
+  # Turning the vectors the other way would be far off: the test can tell the sign.
+  wrong = transforms.rotate_normals(transforms.rotate_normals(out, -angle), -angle)
+  assert angles_deg(wrong, sphere)[interior].max() > 25.0
+  # Uncovered or outside-the-sphere pixels are invalid (0), never a blend.
+  norms = np.linalg.norm(out, axis=-1)
+  assert np.all((norms == 0) | (np.abs(norms - 1) < 1e-5))
+
+
+def test_normals_are_never_interpolated_across_invalid_pixels():
+  rng = np.random.default_rng(0)
+  blocks = rng.normal(size=(H // 8, W // 8, 3))
+  blocks /= np.linalg.norm(blocks, axis=-1, keepdims=True)
+  blocks[1, 2] = blocks[2, 4] = 0.0  # invalid blocks
+  blocks = blocks.astype(np.float32)
+  normals = np.kron(blocks, np.ones((8, 8, 1), np.float32))
+  example = {"image": blocky_example()["image"], "normals": normals}
+  allowed = {tuple(v) for v in np.round(blocks.reshape(-1, 3), 5)}
+
+  def vectors(x):
+    return {tuple(v) for v in np.round(x.reshape(-1, 3), 5)}
+
+  assert vectors(transforms.resize(example, (20, 70))["normals"]) <= allowed
+  assert vectors(transforms.centre_zoom(example, 1.5)["normals"]) <= allowed
+  turned = transforms.rotate_scale(example, angle=17.0, scale=1.2)["normals"]
+  rotated = {tuple(v) for v in np.round(
+      transforms.rotate_normals(blocks.reshape(1, -1, 3), 17.0)[0], 5)}
+  assert vectors(turned) <= rotated | {(0.0, 0.0, 0.0)}
+  assert (np.abs(turned).sum(-1) == 0).mean() > 0.05  # borders and invalid blocks stay invalid
+
+
+def full_record(example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  out = record(example)
+  out["normals"] = example["normals"]
+  out["edge"] = example["edge"][..., None]
+  return out
+
+
+def test_train_and_eval_transforms_with_normals_and_edges():
+  example = blocky_example()
+  normals = sphere_normals()[:H, :W]
+  example["normals"] = normals
+  example["edge"] = (example["semseg"] != np.roll(example["semseg"], 1, axis=1)).astype(np.uint8)
+  tasks = ("semseg", "normals", "edge")
+  params = transforms.AugmentParams(flip_probability=0.5, max_rotation=20.0,
+                                    scale_range=(0.75, 1.25))
+  out = transforms.TrainTransform(tasks, (24, 40), params).random_map(
+      full_record(example), np.random.default_rng(2))
+  assert out["normals"].dtype == np.float32 and out["normals"].shape == (24, 40, 3)
+  assert out["edge"].dtype == np.int32 and set(np.unique(out["edge"])) <= {0, 1}
+  norms = np.linalg.norm(out["normals"], axis=-1)
+  assert np.all((norms == 0) | (np.abs(norms - 1) < 1e-5))
+
+  out = transforms.EvalTransform(tasks, (16, 24), (40, 56)).map(full_record(example))
+  assert out["normals"].shape == (40, 56, 3) and out["edge"].shape == (40, 56)
+  np.testing.assert_array_equal(out["normals"][:H, :W], normals)
+  assert np.all(out["normals"][H:] == 0) and np.all(out["edge"][:, W:] == 255)
+
+
+def test_uint8_normals_records_decode_to_the_vectors():
+  normals = sphere_normals()
+  stored = transforms.encode_normals_uint8(normals)
+  assert stored.dtype == np.uint8 and stored.shape == (S, S, 4)
+  decoded = transforms.decode_normals(stored)
+  valid = np.any(normals != 0, -1)
+  np.testing.assert_array_equal(np.any(decoded != 0, -1), valid)
+  np.testing.assert_allclose(decoded[valid], normals[valid], atol=1 / 255)
+  # 8-bit values round-trip exactly (PASCAL's distilled PNGs).
+  png = np.random.default_rng(0).integers(0, 256, (4, 5, 3))
+  from_png = 2.0 * png / 255.0 - 1.0
+  np.testing.assert_array_equal(transforms.encode_normals_uint8(from_png)[..., :3], png)
+
+
+def test_human_parts_moved_out_of_the_frame_become_ignore():
+  example = blocky_example(with_ignore=False)
+  parts = np.zeros((H, W), np.uint8)
+  parts[:4, :4] = 3  # an arm in the corner, cut away by a 1.5x centre zoom
+  example["human_parts"] = parts
+  zoom = transforms.TrainTransform(
+      ("human_parts",), (H, W), transforms.AugmentParams(flip_probability=0.0,
+                                                         zoom_scales=(1.5,)))
+  out = zoom.random_map(record(example), np.random.default_rng(0))
+  assert np.all(out["human_parts"] == 255)
+  plain = transforms.TrainTransform(("human_parts",), (H, W), None)
+  np.testing.assert_array_equal(plain.random_map(record(example), np.random.default_rng(0))[
+      "human_parts"], parts)
