@@ -1,7 +1,5 @@
 """The notebook API: load a workdir, predict at any size, inspect CIB attention, clear errors."""
 
-import json
-
 import jax
 import ml_collections
 import numpy as np

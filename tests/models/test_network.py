@@ -189,7 +189,7 @@ def test_bad_model_config_raises(overrides, message):
 
 
 @pytest.mark.parametrize("dataset, tasks, message", [
-    ("nyud", ("semseg", "normals"), "unknown task 'normals'"),
+    ("nyud", ("semseg", "albedo"), "unknown task 'albedo'"),
     ("nyud", ("semseg", "sal"), "task 'sal' has no labels in dataset 'nyud'"),
     ("cityscapes", ("semseg",), "unknown dataset 'cityscapes'"),
 ])
