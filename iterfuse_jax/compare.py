@@ -150,7 +150,8 @@ def stl_best_per_task(workdir: pathlib.Path, config_dict: Mapping) -> dict[str, 
   The survey code trains every single-task model separately and keeps each one's best epoch by
   its own metric; the STL networks of one run are independent, so taking each task's metrics from
   the evaluation where that task's headline metric is best gives the same choice. Ties go to the
-  earliest evaluation. Reads `evaluations.json`.
+  earliest evaluation. Reads `evaluations.json`. A task is chosen among the evaluations that
+  scored it: edge odsF is computed offline for the last and the best-Delta_m evaluation only.
   """
   try:
     record = evaluations.Evaluations(workdir)
@@ -165,7 +166,13 @@ def stl_best_per_task(workdir: pathlib.Path, config_dict: Mapping) -> dict[str, 
       value = metrics.headline_metrics(record[step], (task,))[task]
       return value if higher else -value
 
-    best = max(record.steps, key=lambda step: (headline(step), -step))
+    key = metrics.headline_key(task)
+    scored = [step for step in record.steps if key in record[step]]
+    if not scored:
+      raise CompareError(f"{workdir / evaluations.EVALUATIONS_FILE}: no evaluation has {key!r} "
+                         f"(the {task} metric); run `python launch.py --config ... --workdir "
+                         f"{workdir}` to the end first")
+    best = max(scored, key=lambda step: (headline(step), -step))
     out.update({k: v for k, v in record[best].items() if k.startswith(f"{task}/")})
     out[f"best_step/{task}"] = float(best)
   return out

@@ -235,3 +235,27 @@ def test_stl_best_is_each_tasks_own_best_evaluation(tmp_path):
   # Delta_m of IFB C is measured against STL's per-task bests.
   expected = 100 * ((39.1596 - 34.0) / 34.0 - (0.6011 - 0.60) / 0.60) / 2
   assert f"{expected:+.2f}" in _row(table, "Ours (w/ IFB C)")[4]
+
+
+def test_stl_edge_is_chosen_among_the_evaluations_with_a_boundary_score(tmp_path):
+  """Edge odsF exists only for the evaluations the offline boundary evaluation scored (the last
+  and the best one): the STL edge row takes the best of those; semseg still takes its own best."""
+  def evaluation(step, miou, odsf=None):
+    m = {"semseg/miou": miou, "depth/rmse": 0.6, "normals/mean_angle": 20.0, "edge/loss": 0.1,
+         "delta_m": 0.0}
+    if odsf is not None:
+      m["edge/odsF"] = odsf
+    return {"step": step, "metrics": m}
+
+  evals = [evaluation(90, 30.0), evaluation(95, 40.0, odsf=55.0), evaluation(100, 35.0, odsf=60.0)]
+  workdir = write_run(tmp_path, "stl", "nyud_full_stl", evals[-1]["metrics"])
+  (workdir / "evaluations.json").write_text(json.dumps({"evaluations": evals}))
+  run = compare.load_run(workdir, "best")
+  assert run.headline()["semseg"] == 40.0 and run.headline()["edge"] == 60.0
+  assert run.results["best_step/edge"] == 100 and run.results["best_step/semseg"] == 95
+
+  for e in evals:
+    e["metrics"].pop("edge/odsF", None)
+  (workdir / "evaluations.json").write_text(json.dumps({"evaluations": evals}))
+  with pytest.raises(compare.CompareError, match=r"evaluations.json: no evaluation has 'edge/odsF'"):
+    compare.load_run(workdir, "best")
