@@ -79,7 +79,7 @@ pixel = (h // 2, w // 2)
 att = predictor.attention(image, source="depth", target="semseg", pixel=pixel)
 n = att["ifb_row"].shape[0] - 1
 print("pooled grid", att["grid"], "pixel on the grid", att["grid_pixel"], "alpha", round(att["alpha"], 4))
-print("affinity row sums to", float(att["affinity"].sum()))
+print("affinity row sums to", f"{float(att['affinity'].sum()):.6f}")
 
 # Row k of the IFB operator: how much each position contributes to the target pixel after k
 # iterations. The pixel's own weight ((1 - alpha)^k for IFB C) would dwarf the rest: it is hidden
