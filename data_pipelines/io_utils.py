@@ -83,6 +83,24 @@ def read_rgb_image(path: str) -> tuple[np.ndarray, bytes]:
   return pixels, buffer.getvalue()
 
 
+def _read_png(path: str, what: str, modes: tuple[str, ...], expected: str,
+              convert: str | None = None) -> np.ndarray:
+  """A label image as its stored uint8 values, in one of the PIL `modes` (after `convert`)."""
+  require_file(path, f"{what} label")
+  try:
+    with Image.open(path) as image:
+      image.load()
+      if convert is not None and image.mode != convert:
+        image = image.convert(convert)
+      if image.mode not in modes:
+        raise DataError(f"{what} label {path} has PIL mode {image.mode!r}; expected {expected}")
+      return np.array(image, dtype=np.uint8)
+  except DataError:
+    raise
+  except Exception as e:
+    raise DataError(f"cannot decode {what} label {path}: {e}") from e
+
+
 def read_label_png(path: str, what: str, grayscale: bool = False) -> np.ndarray:
   """Reads a label image as its stored values, uint8 [H, W].
 
@@ -91,36 +109,13 @@ def read_label_png(path: str, what: str, grayscale: bool = False) -> np.ndarray:
     what: the task, for error messages.
     grayscale: convert to luminance first (saliency maps that may be stored as RGB).
   """
-  require_file(path, f"{what} label")
-  try:
-    with Image.open(path) as image:
-      image.load()
-      if grayscale and image.mode != "L":
-        image = image.convert("L")
-      if image.mode not in ("L", "P"):
-        raise DataError(f"{what} label {path} has PIL mode {image.mode!r}; expected a "
-                        "single-channel 8-bit PNG ('L' or palette 'P')")
-      return np.array(image, dtype=np.uint8)
-  except DataError:
-    raise
-  except Exception as e:
-    raise DataError(f"cannot decode {what} label {path}: {e}") from e
+  return _read_png(path, what, ("L", "P"), "a single-channel 8-bit PNG ('L' or palette 'P')",
+                   convert="L" if grayscale else None)
 
 
 def read_rgb_png(path: str, what: str) -> np.ndarray:
   """Reads a 3-channel label image (e.g. encoded surface normals) as stored, uint8 [H, W, 3]."""
-  require_file(path, f"{what} label")
-  try:
-    with Image.open(path) as image:
-      image.load()
-      if image.mode != "RGB":
-        raise DataError(f"{what} label {path} has PIL mode {image.mode!r}; expected an 8-bit RGB "
-                        "image")
-      return np.array(image, dtype=np.uint8)
-  except DataError:
-    raise
-  except Exception as e:
-    raise DataError(f"cannot decode {what} label {path}: {e}") from e
+  return _read_png(path, what, ("RGB",), "an 8-bit RGB image")
 
 
 def check_shape(label: np.ndarray, shape: Sequence[int], path: str, what: str) -> None:

@@ -160,19 +160,14 @@ def stl_best_per_task(workdir: pathlib.Path, config_dict: Mapping) -> dict[str, 
   tasks = tuple(config_dict["dataset"]["tasks"])
   out = {}
   for task in tasks:
-    higher = task_registry.get_task(task).higher_is_better
-
-    def headline(step, task=task, higher=higher):
-      value = metrics.headline_metrics(record[step], (task,))[task]
-      return value if higher else -value
-
     key = metrics.headline_key(task)
+    sign = 1.0 if task_registry.get_task(task).higher_is_better else -1.0
     scored = [step for step in record.steps if key in record[step]]
     if not scored:
       raise CompareError(f"{workdir / evaluations.EVALUATIONS_FILE}: no evaluation has {key!r} "
                          f"(the {task} metric); run `python launch.py --config ... --workdir "
                          f"{workdir}` to the end first")
-    best = max(scored, key=lambda step: (headline(step), -step))
+    best = max(scored, key=lambda step, key=key, sign=sign: (sign * record[step][key], -step))
     out.update({k: v for k, v in record[best].items() if k.startswith(f"{task}/")})
     out[f"best_step/{task}"] = float(best)
   return out
