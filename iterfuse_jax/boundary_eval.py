@@ -116,19 +116,22 @@ def save_predictions(eval_batches: Iterable[Mapping[str, np.ndarray]],
   Returns:
     The number of predictions written.
   """
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  # Not at the top: the spawned scoring workers import this module and need no JAX.
+  from iterfuse_jax import console  # pylint: disable=g-import-not-at-top
 
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   count = 0
-  for batch in tqdm(eval_batches, total=total, desc="edge predictions", leave=False):
-    logits = np.asarray(predict(batch["image"]))
-    for i in np.flatnonzero(np.asarray(batch["example_mask"])):
-      image_id = batch["image_id"][i]
-      image_id = image_id.decode() if isinstance(image_id, bytes) else str(image_id)
-      png = probability_png(logits[i], batch["original_size"][i])
-      Image.fromarray(png, mode="L").save(directory / f"{image_id}.png")
-      count += 1
+  with console.progress(total=total, desc="edge predictions", unit="batch", leave=False) as bar:
+    for batch in eval_batches:
+      logits = np.asarray(predict(batch["image"]))
+      for i in np.flatnonzero(np.asarray(batch["example_mask"])):
+        image_id = batch["image_id"][i]
+        image_id = image_id.decode() if isinstance(image_id, bytes) else str(image_id)
+        png = probability_png(logits[i], batch["original_size"][i])
+        Image.fromarray(png, mode="L").save(directory / f"{image_id}.png")
+        count += 1
+      bar.update(1)
   return count
 
 
@@ -233,7 +236,7 @@ def evaluate_directory(directory: str | os.PathLike,
     `summarize`'s metrics plus "num_images" and "seconds_per_image" (wall time per image with
     this many workers).
   """
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  from iterfuse_jax import console  # pylint: disable=g-import-not-at-top
 
   directory = pathlib.Path(directory)
   thresholds = tuple(float(t) for t in thresholds)
@@ -241,20 +244,21 @@ def evaluate_directory(directory: str | os.PathLike,
            float(max_dist)) for image_id, gt in ground_truths)
   workers = (os.cpu_count() or 1) if num_workers < 0 else num_workers
   start = time.perf_counter()
-  bar = tqdm(total=total, desc=f"edge odsF ({workers or 1} proc)", leave=False)
   counts = []
-  if workers <= 1:
-    for job in jobs:
-      counts.append(_score_file(job))
-      bar.update()
-  else:
-    # Spawned workers: forking a process that runs JAX's threads is unsafe.
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-      for result in pool.map(_score_file, jobs):  # one image per task: each takes seconds
-        counts.append(result)
-        bar.update()
-  bar.close()
+  # Kept when done (and, in a log file, a line every 30 s): a full split takes hours.
+  with console.progress(total=total, desc=f"edge odsF ({workers or 1} proc)", unit="image",
+                        leave=True) as bar:
+    if workers <= 1:
+      for job in jobs:
+        counts.append(_score_file(job))
+        bar.update(1)
+    else:
+      # Spawned workers: forking a process that runs JAX's threads is unsafe.
+      context = multiprocessing.get_context("spawn")
+      with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        for result in pool.map(_score_file, jobs):  # one image per task: each takes seconds
+          counts.append(result)
+          bar.update(1)
   seconds = time.perf_counter() - start
   results = summarize(np.stack(counts) if counts else np.zeros((0, 4, len(thresholds))),
                       thresholds)
