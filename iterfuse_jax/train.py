@@ -35,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 # clu's metric writers (TensorFlow summaries) are imported where the loop uses them.
 from data_pipelines import io_utils  # numpy and PIL only
 from iterfuse_jax import (boundary_eval, console, eval_resizing, evaluations, inference, losses,
-                          metrics, out_of_memory, visualization)
+                          metrics, out_of_memory, summaries, visualization)
 from iterfuse_jax import tasks as task_registry
 from iterfuse_jax.models import build_model, initialization
 
@@ -442,7 +442,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Returns the metrics of the evaluation after the final step (with "delta_m").
   """
   # pylint: disable=g-import-not-at-top
-  from clu import metric_writers, periodic_actions
   from data_pipelines import pipeline as data_pipeline
   from iterfuse_jax.checkpoints import RunCheckpoints, committed_steps
   # pylint: enable=g-import-not-at-top
@@ -510,7 +509,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                      f"{start_step}, beyond this config's {total_steps} steps; evaluate it with "
                      "--mode eval or train in another workdir")
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=not main)
+  writer = summaries.create_writer(str(workdir), just_logging=not main)
   if start_step == 0:
     writer.write_hparams(_flat_hparams(config))
   devices = f"{mesh.size} {mesh.devices.flat[0].platform.upper()} device(s)"
@@ -541,11 +540,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   hooks = []
   if main:
-    hooks.append(periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                                 every_steps=config.log_every_steps))
-    if config.profile_steps > 0:
-      hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps,
-                                            logdir=str(workdir), first_profile=start_step + 2))
+    hooks = summaries.create_hooks(str(workdir), writer, total_steps=total_steps,
+                                   log_every_steps=config.log_every_steps,
+                                   profile_steps=config.profile_steps, start_step=start_step)
 
   def run_eval(step: int) -> None:
     """Evaluates the state of `step` unless the record has it (an evaluation done before the
@@ -610,6 +607,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if eval_now:
         run_eval(step)
       writer.flush()
+  for hook in hooks:
+    if isinstance(hook, summaries.ProfileSteps):
+      hook.close()  # a trace the run's end cut short
 
   # Edge odsF is scored offline (slow) on the saved predictions of the reported states: the last
   # and, when it differs, the best one (whose weights best/ holds).

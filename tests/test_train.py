@@ -29,6 +29,7 @@ from ml_collections import config_flags
 from configs import demo as demo_config
 from configs import nyud_ifbC
 from iterfuse_jax import checkpoints, compare, evaluations, inference, train
+from tests import tensorboard_events
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = demo_config.get_config("tiny")  # 12 steps, 2 per epoch; checkpoints 3, 6, 9, 12
@@ -87,29 +88,13 @@ def finished_run(tmp_path_factory, data_dir):
   return config, workdir, results, printed.getvalue()
 
 
-def _event_records(workdir):
-  """(tag, plugin, step, value-or-None) of every summary in the run's TensorBoard files."""
-  import tensorflow as tf
-  records = []
-  for path in glob.glob(str(workdir / "**" / "events.out.tfevents.*"), recursive=True):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for value in event.summary.value:
-        plugin = value.metadata.plugin_data.plugin_name
-        number = None
-        if plugin == "scalars" or value.HasField("simple_value"):
-          number = (value.simple_value if value.HasField("simple_value")
-                    else float(tf.make_ndarray(value.tensor)))
-        records.append((value.tag, plugin, event.step, number))
-  return records
-
-
 def _read_json(path):
   return json.loads(pathlib.Path(path).read_text())
 
 
 def test_run_learns_and_leaves_its_artifacts(finished_run):
   config, workdir, results, printed = finished_run
-  records = _event_records(workdir)
+  records = tensorboard_events.read(workdir)
   losses = [(step, v) for tag, _, step, v in records if tag == "loss/total"]
   assert len(losses) == STEPS // config.log_every_steps
   losses = [v for _, v in sorted(losses)]
@@ -585,3 +570,46 @@ def test_console_of_a_run_is_short_and_says_where_things_are(finished_run, data_
   assert "orbax" in log.lower() and "Finished saving checkpoint" in log
   # A run launched from the command line is the run of train_and_evaluate.
   assert_same_run(tmp_path, finished_run[1], finished_run[0])
+
+
+# Where TensorFlow is not installed; tensorflow-metadata stays (tensorflow-datasets needs it and
+# the GPU machines get it as a wheel).
+TENSORFLOW_ITSELF = ("tensorflow", "tensorflow-cpu", "tensorflow-io-gcs-filesystem", "keras",
+                     "tf-keras")
+
+
+@pytest.mark.slow
+def test_a_run_without_tensorflow_writes_the_same_tensorboard_summaries(finished_run, data_dir,
+                                                                         tmp_path):
+  """On a machine without TensorFlow (the GPU machines' image; many CUDA installs of jax) clu's
+  writers cannot be imported. `launch.py` trains there all the same (a copy of this environment
+  without TensorFlow, `benchmarks.gpu_image.site_farm`) and writes the summaries clu's writers
+  write: the same tags, plugins, steps and values, the same pictures and the hyperparameters."""
+  from benchmarks import gpu_image
+  config, reference, *_ = finished_run
+  farm = gpu_image.site_farm(tmp_path / "site", gpu_image.hide_predicate(TENSORFLOW_ITSELF),
+                             keep_unowned=True)
+  workdir = tmp_path / "run"
+  result = subprocess.run([sys.executable, "-S", str(REPO_ROOT / "launch.py"),
+                           *tiny_flags(data_dir, workdir)],
+                          env=gpu_image.farm_env(farm, [str(REPO_ROOT)]), cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=900, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "TensorFlow is not installed" in (workdir / "log.txt").read_text()
+  assert_same_run(workdir, reference, config)
+
+  got_images, want_images = {}, {}
+  got = tensorboard_events.read(workdir, got_images)
+  want = tensorboard_events.read(reference, want_images)
+  clu_progress = {"steps_per_sec", "uptime"}  # clu's ReportProgress, a TensorFlow-only hook
+  assert (sorted(r[:3] for r in got)
+          == sorted(r[:3] for r in want if r[0] not in clu_progress))
+  timed = {"images_per_second"}
+  got_values = {(tag, step): v for tag, _, step, v in got if v is not None and tag not in timed}
+  want_values = {(tag, step): v for tag, _, step, v in want
+                 if v is not None and tag not in timed | clu_progress}
+  assert got_values == want_values
+  assert {tag for tag, plugin, *_ in got if plugin == "hparams"}, "no hyperparameters written"
+  assert got_images.keys() == want_images.keys() and got_images
+  for key, picture in want_images.items():
+    np.testing.assert_array_equal(got_images[key], picture, err_msg=str(key))
