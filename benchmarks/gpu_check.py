@@ -25,10 +25,14 @@ recorded as such and the others go on:
             row's arithmetic; the projected wall time of the paper's full runs; the issue's
             targets, printed (not asserted). The first JAX row is also profiled (top operations).
   pipeline  benchmarks.input_pipeline images/s at the paper's sizes with the machine's cores.
+  train     the README's first command as a user runs it, `launch.py --config configs/demo.py`
+            (synthetic data, tfds + grain, training, checkpoints, evaluations, TensorBoard
+            without TensorFlow), when the budget has time left for it (TRAIN_MIN_S): exit code,
+            wall time, console lines, the final metrics against the CPU demo's.
 
-OUTDIR receives at most six flat files (the device tool returns 8 files, 2 folders deep):
+OUTDIR receives at most seven flat files (the device tool returns 8 files, 2 folders deep):
 summary.txt (what is printed last), results.json (everything), tests.log, rows.log (each row's
-stderr), pipeline.log, and the caller's console.log.
+stderr), pipeline.log, train.log, and the caller's console.log.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from benchmarks import train_step
 from benchmarks.train_step import Setting
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-PHASES = ("env", "tests", "bench", "pipeline")
+PHASES = ("env", "tests", "bench", "pipeline", "train")
 GROUPS = ("nyud", "fullres", "pascal", "fp32")
 # Dense (no sparsity) peak TFLOP/s of the data sheets, per arithmetic: NVIDIA H100 SXM5 and H200
 # (same SMs and clocks; the H200 has more and faster memory), H100 PCIe.
@@ -656,6 +660,65 @@ def format_pipeline(rows: list[dict], bench: list[dict]) -> str:
   return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- train
+
+# The demo's figures on the CPU (README.md), for a first look at the GPU run's: the two differ in
+# arithmetic (cuDNN / TF32), so they agree roughly, not bit for bit.
+CPU_DEMO = {"semseg/miou": 17.9, "depth/rmse": 0.53}
+TRAIN_MIN_S = 150.0  # the full demo's run is not started with less time left
+TRAIN_TINY_MIN_S = 60.0
+
+
+def train_phase(tiny: bool, timeout_s: float, log: pathlib.Path) -> dict:
+  """`python launch.py --config configs/demo.py[:tiny] --workdir TMP` as a user runs it."""
+  config = "configs/demo.py:tiny" if tiny else "configs/demo.py"
+  workdir = tempfile.mkdtemp(prefix="iterfuse_demo_")
+  cmd = [sys.executable, "launch.py", f"--config={config}", f"--workdir={workdir}"]
+  start = time.perf_counter()
+  with tempfile.TemporaryFile(mode="w+", encoding="utf-8") as err:
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=child_env(), stdout=subprocess.PIPE,
+                            stderr=err, text=True, start_new_session=True)
+    try:
+      out, _ = proc.communicate(timeout=max(1.0, timeout_s))
+      code = proc.returncode
+    except subprocess.TimeoutExpired:
+      os.killpg(proc.pid, signal.SIGKILL)
+      out, _ = proc.communicate()
+      code = None
+    err.seek(0)
+    err_text = err.read()
+  wall_s = time.perf_counter() - start
+  with open(log, "a", encoding="utf-8") as f:
+    f.write(f"$ {' '.join(cmd)}\n--- stdout\n{out}--- stderr\n{err_text}")
+  result = {"command": " ".join(cmd), "exit": code, "wall_s": wall_s,
+            "stdout_lines": len(out.splitlines()),
+            "evaluations": sum(l.startswith("eval @ step") for l in out.splitlines())}
+  metrics_file = pathlib.Path(workdir, "metrics.json")
+  if metrics_file.exists():
+    result["metrics"] = json.loads(metrics_file.read_text())
+  result["tensorboard_files"] = len(list(pathlib.Path(workdir).glob("events.out.tfevents.*")))
+  if code != 0:
+    tail = [l for l in err_text.strip().splitlines() if l.strip()][-1:] or [""]
+    result["error"] = "timed out" if code is None else f"exit {code}: {tail[0][:300]}"
+  return result
+
+
+def format_train(t: dict, tiny: bool) -> str:
+  if "skipped_phase" in t:
+    return f"training run: not run ({t['skipped_phase']})"
+  line = (f"training run `{t['command'].split(' ', 1)[1]}`: exit {t['exit']} in "
+          f"{t['wall_s']:.0f} s, {t['stdout_lines']} console lines, {t['evaluations']} "
+          f"evaluations, {t['tensorboard_files']} TensorBoard file(s)")
+  metrics = t.get("metrics", {})
+  if metrics:
+    line += "; " + ", ".join(f"{k} {metrics[k]:.3g}" for k in CPU_DEMO if k in metrics)
+    if not tiny:
+      line += " (CPU demo: " + ", ".join(f"{k} {v:g}" for k, v in CPU_DEMO.items()) + ")"
+  if "error" in t:
+    line += f"; ERROR {t['error']}"
+  return line
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -787,9 +850,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 else [{"skipped_phase": "out of time budget"}])
     results["pipeline"] = pipeline
     say(format_pipeline(pipeline, results.get("bench", [])))
+  if "train" in phases:
+    left = clock.left()
+    need = TRAIN_TINY_MIN_S if args.tiny else TRAIN_MIN_S
+    train = (train_phase(args.tiny, left, outdir / "train.log") if left >= need
+             else {"skipped_phase": f"out of time budget ({left:.0f} s left, {need:.0f} s needed)"})
+    results["train"] = train
+    say(format_train(train, args.tiny))
   say(f"gpu_check done in {clock.elapsed():.0f} s; files in {outdir}")
   failed = [r for r in results.get("bench", []) if "error" in r
             and not (r.get("impl") == "materialized" and r.get("scale") == 1)]
+  failed += ["train"] if "error" in results.get("train", {}) else []
   return 1 if failed or results.get("tests", {}).get("failed") else 0
 
 

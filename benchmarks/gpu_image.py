@@ -136,6 +136,37 @@ def requirement_names(wheels: Iterable[pathlib.Path]) -> list[str]:
   return sorted(names)
 
 
+def rehearsal_requirements(requirement_files: Sequence[pathlib.Path],
+                           wheels: Sequence[pathlib.Path]) -> list[str]:
+  """pip requirement lines of a CPU environment like the GPU image, to rehearse a visit on its
+  versions (benchmarks/rehearse_image.sh), the carried wheels being installed on top:
+
+  * the versions known on the image (IMAGE_VERSIONS), pinned;
+  * every other image package that the requirement files name or the wheels need, unpinned
+    (their versions there are not known here: gpu_check prints them);
+  * what the requirement files name and the image lacks (test-only packages), as written;
+  * no TensorFlow, and nothing the wheels carry.
+  """
+  from packaging.requirements import Requirement  # pylint: disable=g-import-not-at-top
+  carried = {normalize(wheel_metadata(w)["Name"]) for w in wheels}
+  excluded = carried | {normalize(d) for d in TENSORFLOW_DISTRIBUTIONS}
+  lines = {name: f"{name}=={version}" for name, version in IMAGE_VERSIONS.items()
+           if name != "python"}
+  for path in requirement_files:
+    for line in pathlib.Path(path).read_text().splitlines():
+      line = line.split("#", 1)[0].strip()
+      if not line:
+        continue
+      name = normalize(Requirement(line).name)
+      if name in lines or name in excluded:
+        continue
+      lines[name] = name if name in IMAGE_PACKAGES else line
+  for name in requirement_names(wheels):
+    if name in IMAGE_PACKAGES and name not in lines and name not in excluded:
+      lines[name] = name
+  return [lines[name] for name in sorted(lines)]
+
+
 # ----------------------------------------------------------------------------- simulated sites
 
 
@@ -332,9 +363,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="comma-separated distributions to hide (others stay)")
   run.add_argument("--wheels", default="", help="install these wheels first, as gpu_check does")
   run.add_argument("command", nargs=argparse.REMAINDER)
+  rehearsal = sub.add_parser("rehearsal-requirements",
+                             help="pip requirements of a CPU environment like the image")
+  rehearsal.add_argument("wheel_dir", nargs="?", default=".whl")
   args = parser.parse_args(argv)
   if args.verb == "check-wheels":
     return _check_wheels(pathlib.Path(args.wheel_dir))
+  if args.verb == "rehearsal-requirements":
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    print("\n".join(rehearsal_requirements(
+        [repo / "requirements.txt", repo / "requirements-dev.txt"],
+        sorted(pathlib.Path(args.wheel_dir).glob("*.whl")))))
+    return 0
   if args.command and args.command[0] == "--":
     args.command = args.command[1:]
   if not args.command:

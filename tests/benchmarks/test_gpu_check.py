@@ -133,6 +133,24 @@ def test_missing_requirements_against_the_image(tmp_path):
   assert "jax>=0.12 (the image has jax 0.11.2)" in problems[1]
 
 
+def test_rehearsal_requirements_pin_the_image_and_leave_out_tensorflow_and_the_wheels(tmp_path):
+  reqs = tmp_path / "requirements.txt"
+  reqs.write_text("jax==0.10.2  # ours\nflax==0.12.8\nml-collections==1.1.0\n"
+                  "tensorflow-cpu==2.21.0\npyedgeeval==0.2.8\n\n")
+  dev = tmp_path / "requirements-dev.txt"
+  dev.write_text("torch==2.14.1\nnbclient==0.11.0\npytest\n")
+  wheels = [_fake_wheel(tmp_path / "ml_collections-1.0-py3-none-any.whl", "ml_collections",
+                        ["absl-py", "pyyaml", 'tensorflow; extra == "tf"']),
+            _fake_wheel(tmp_path / "promise-1.0-py3-none-any.whl", "promise", ["six"])]
+  lines = gpu_image.rehearsal_requirements([reqs, dev], wheels)
+  assert lines == sorted(lines)
+  # The image's known versions win over ours; its other packages float; what it lacks and the
+  # tests need stays pinned; TensorFlow and the carried distributions are left out.
+  assert {"jax==0.11.2", "jaxlib==0.11.2", "numpy==2.5.2", "torch==2.11.0", "torchvision==0.26.0",
+          "triton==3.6.0", "flax", "pytest", "pyedgeeval==0.2.8", "nbclient==0.11.0", "absl-py",
+          "pyyaml", "six"} == set(lines)
+
+
 def test_gpu_wheels_list_pins_every_line():
   lines = [l.split("#")[0].strip() for l in
            (REPO_ROOT / "benchmarks" / "gpu_wheels.txt").read_text().splitlines()]
@@ -157,7 +175,8 @@ def test_gpu_check_dry_run_through_the_shell_script(tmp_path):
       cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
   assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
   assert {p.name for p in out.iterdir()} <= {"summary.txt", "results.json", "tests.log",
-                                             "rows.log", "pipeline.log", "console.log"}
+                                             "rows.log", "pipeline.log", "train.log",
+                                             "console.log"}
   summary = (out / "summary.txt").read_text()
   results = json.loads((out / "results.json").read_text())
   assert results["tests"]["passed"] > 0 and results["tests"]["failed"] == 0
@@ -176,4 +195,8 @@ def test_gpu_check_dry_run_through_the_shell_script(tmp_path):
     assert text in summary, text
   assert "keeps ahead" in summary or "FALLS BEHIND" in summary
   assert results["pipeline"][0]["rates"][0]["images_per_s"] > 0
+  train = results["train"]  # launch.py as a user runs it, last
+  assert train["exit"] == 0 and train["evaluations"] == 3 and train["tensorboard_files"] == 1
+  assert set(gpu_check.CPU_DEMO) <= set(train["metrics"]), train
+  assert "training run `launch.py --config=configs/demo.py:tiny" in summary
   assert "gpu_check.sh: exit 0" in (out / "console.log").read_text()
