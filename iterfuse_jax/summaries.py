@@ -1,9 +1,10 @@
 """A run's TensorBoard summaries and periodic hooks, with or without TensorFlow installed.
 
 clu's metric writers and periodic actions import TensorFlow as soon as `clu.metric_writers` is
-imported. Where TensorFlow is installed (this project's pinned stack) the training loop uses
-them. A CUDA machine often has jax without TensorFlow (the lent GPU machines' image has none,
-and TensorFlow's own CUDA libraries fight jax's): there the same summaries are written as
+imported. Where TensorFlow is installed and imports (this project's pinned stack) the training
+loop uses them. A CUDA machine often has jax without TensorFlow (the lent GPU machines' image has
+none), or one that does not import next to jax's CUDA libraries: there the same summaries are
+written as
 TensorBoard event files with the `tensorboard` package alone (`EventFileMetricWriter`), and the
 profile hook is `jax.profiler`'s trace (`ProfileSteps`). TensorBoard reads both alike.
 """
@@ -22,9 +23,23 @@ import numpy as np
 from PIL import Image
 
 
-def tensorflow_installed() -> bool:
-  """Whether `import tensorflow` can succeed (clu's writers need it)."""
-  return importlib.util.find_spec("tensorflow") is not None
+def clu_writers_usable() -> bool:
+  """Whether clu's writers and periodic actions import: TensorFlow is installed and imports.
+
+  A TensorFlow that is installed but does not import (its CUDA or protobuf versions clashing
+  with jax's are common on GPU machines) is named in a warning and treated as absent.
+  """
+  if importlib.util.find_spec("tensorflow") is None:
+    return False
+  try:
+    importlib.import_module("clu.metric_writers")
+    importlib.import_module("clu.periodic_actions")
+  except Exception as error:  # pylint: disable=broad-except
+    logging.warning("TensorFlow is installed but clu's writers do not import (%s: %s); "
+                    "TensorBoard files are written with the tensorboard package instead",
+                    type(error).__name__, error)
+    return False
+  return True
 
 
 class EventFileMetricWriter:
@@ -120,15 +135,14 @@ def _png(image: np.ndarray) -> bytes:
 def create_writer(workdir: str, *, just_logging: bool, use_tensorflow: bool | None = None):
   """The run's metric writer: clu's default writer where TensorFlow is installed, else
   `EventFileMetricWriter`. just_logging: log only, write no event file (processes other than
-  0). use_tensorflow: None decides by `tensorflow_installed()`."""
+  0). use_tensorflow: None decides by `clu_writers_usable()`."""
   if use_tensorflow is None:
-    use_tensorflow = tensorflow_installed()
+    use_tensorflow = clu_writers_usable()
   if use_tensorflow:
-    # pylint: disable-next=g-import-not-at-top
-    from clu import metric_writers
+    metric_writers = importlib.import_module("clu.metric_writers")
     return metric_writers.create_default_writer(workdir, just_logging=just_logging)
-  logging.info("TensorFlow is not installed: TensorBoard summaries are written with the "
-               "tensorboard package (%s)", "logging only" if just_logging else workdir)
+  logging.info("No usable TensorFlow: TensorBoard summaries are written with the tensorboard "
+               "package (%s)", "logging only" if just_logging else workdir)
   return EventFileMetricWriter(None if just_logging else workdir)
 
 
@@ -167,11 +181,10 @@ def create_hooks(workdir: str, writer, *, total_steps: int, log_every_steps: int
   progress log line) and Profile where TensorFlow is installed; without it, only the profile
   (the console's progress bar and the `images_per_second` scalar already report speed)."""
   if use_tensorflow is None:
-    use_tensorflow = tensorflow_installed()
+    use_tensorflow = clu_writers_usable()
   hooks: list[Callable[[int], None]] = []
   if use_tensorflow:
-    # pylint: disable-next=g-import-not-at-top
-    from clu import periodic_actions
+    periodic_actions = importlib.import_module("clu.periodic_actions")
     hooks.append(periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                                  every_steps=log_every_steps))
     if profile_steps > 0:

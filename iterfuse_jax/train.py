@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 # The step functions, the optimiser and the train state import without TensorFlow, grain or tfds
 # (a GPU image has none of them): the data pipeline, the checkpoints (grain's iterator state) and
-# clu's metric writers (TensorFlow summaries) are imported where the loop uses them.
+# TensorFlow (through clu's writers, `summaries`) is imported only when a run starts, if at all.
 from data_pipelines import io_utils  # numpy and PIL only
 from iterfuse_jax import (boundary_eval, console, eval_resizing, evaluations, inference, losses,
                           metrics, out_of_memory, summaries, visualization)
@@ -509,7 +509,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                      f"{start_step}, beyond this config's {total_steps} steps; evaluate it with "
                      "--mode eval or train in another workdir")
 
-  writer = summaries.create_writer(str(workdir), just_logging=not main)
+  use_clu = summaries.clu_writers_usable()
+  writer = summaries.create_writer(str(workdir), just_logging=not main, use_tensorflow=use_clu)
   if start_step == 0:
     writer.write_hparams(_flat_hparams(config))
   devices = f"{mesh.size} {mesh.devices.flat[0].platform.upper()} device(s)"
@@ -542,7 +543,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if main:
     hooks = summaries.create_hooks(str(workdir), writer, total_steps=total_steps,
                                    log_every_steps=config.log_every_steps,
-                                   profile_steps=config.profile_steps, start_step=start_step)
+                                   profile_steps=config.profile_steps, start_step=start_step,
+                                   use_tensorflow=use_clu)
 
   def run_eval(step: int) -> None:
     """Evaluates the state of `step` unless the record has it (an evaluation done before the

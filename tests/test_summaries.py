@@ -1,8 +1,10 @@
 """TensorBoard summaries without TensorFlow (`iterfuse_jax.summaries`): what clu's TensorFlow
 writer writes, read back with tensorboard's loader; clear errors; the profile hook."""
 
+import importlib.util
 import logging
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -115,3 +117,19 @@ def test_profile_cut_short_by_the_end_of_the_run_is_closed(tmp_path):
   assert not list(tmp_path.rglob("*.xplane.pb"))  # still tracing
   hook.close()
   assert len(list(tmp_path.rglob("*.xplane.pb"))) == 1
+
+
+def test_a_tensorflow_that_does_not_import_counts_as_absent(monkeypatch, caplog, tmp_path):
+  """Installed but broken (a CUDA or protobuf clash): a warning names the error, and the run
+  writes its summaries without clu."""
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *args: object() if name == "tensorflow" else find_spec(name, *args))
+  monkeypatch.setitem(sys.modules, "clu.metric_writers", None)  # its import fails
+  with caplog.at_level(logging.WARNING):
+    assert not summaries.clu_writers_usable()
+  assert ("TensorFlow is installed but clu's writers do not import (ModuleNotFoundError: "
+          "import of clu.metric_writers halted") in caplog.text
+  writer = summaries.create_writer(str(tmp_path), just_logging=False)
+  assert isinstance(writer, summaries.EventFileMetricWriter)
+  writer.close()
