@@ -31,8 +31,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 # The step functions, the optimiser and the train state import without TensorFlow, grain or tfds
-# (a GPU image has none of them): the data pipeline, the checkpoints (grain's iterator state) and
-# TensorFlow (through clu's writers, `summaries`) is imported only when a run starts, if at all.
+# (a GPU image has none of them): the data pipeline and the checkpoints (grain's iterator state)
+# are imported where the loop uses them, and TensorFlow (clu's writers, `summaries`) only when a
+# run starts and only if it is installed.
 from data_pipelines import io_utils  # numpy and PIL only
 from iterfuse_jax import (boundary_eval, console, eval_resizing, evaluations, inference, losses,
                           metrics, out_of_memory, summaries, visualization)
