@@ -190,20 +190,26 @@ def run_limited(cmd: Sequence[str], timeout_s: float, env: dict[str, str] | None
   stdout and stderr together go to log_path (appended) and are returned.
   """
   with tempfile.TemporaryFile(mode="w+", encoding="utf-8") as out:
-    proc = subprocess.Popen(list(cmd), cwd=REPO_ROOT, env=env, stdout=out,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-      code = proc.wait(timeout=max(1.0, timeout_s))
-    except subprocess.TimeoutExpired:
-      os.killpg(proc.pid, signal.SIGKILL)
-      proc.wait()
-      code = None
+    code = _wait_or_kill(subprocess.Popen(list(cmd), cwd=REPO_ROOT, env=env, stdout=out,
+                                          stderr=subprocess.STDOUT, text=True,
+                                          start_new_session=True), timeout_s)
     out.seek(0)
     text = out.read()
   if log_path is not None:
     with open(log_path, "a", encoding="utf-8") as f:
       f.write(text)
   return code, text
+
+
+def _wait_or_kill(proc: subprocess.Popen, timeout_s: float) -> int | None:
+  """proc's exit code; after timeout_s its process group (started with start_new_session) is
+  killed and None is returned."""
+  try:
+    return proc.wait(timeout=max(1.0, timeout_s))
+  except subprocess.TimeoutExpired:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return None
 
 
 def child_env(base: dict[str, str] | None = None, **updates: str) -> dict[str, str]:
@@ -675,18 +681,15 @@ def train_phase(tiny: bool, timeout_s: float, log: pathlib.Path) -> dict:
   workdir = tempfile.mkdtemp(prefix="iterfuse_demo_")
   cmd = [sys.executable, "launch.py", f"--config={config}", f"--workdir={workdir}"]
   start = time.perf_counter()
-  with tempfile.TemporaryFile(mode="w+", encoding="utf-8") as err:
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=child_env(), stdout=subprocess.PIPE,
-                            stderr=err, text=True, start_new_session=True)
-    try:
-      out, _ = proc.communicate(timeout=max(1.0, timeout_s))
-      code = proc.returncode
-    except subprocess.TimeoutExpired:
-      os.killpg(proc.pid, signal.SIGKILL)
-      out, _ = proc.communicate()
-      code = None
+  # stdout apart from stderr: its lines are the console a user reads (the bars go to stderr).
+  with (tempfile.TemporaryFile(mode="w+", encoding="utf-8") as stdout,
+        tempfile.TemporaryFile(mode="w+", encoding="utf-8") as err):
+    code = _wait_or_kill(subprocess.Popen(cmd, cwd=REPO_ROOT, env=child_env(), stdout=stdout,
+                                          stderr=err, text=True, start_new_session=True),
+                         timeout_s)
+    stdout.seek(0)
     err.seek(0)
-    err_text = err.read()
+    out, err_text = stdout.read(), err.read()
   wall_s = time.perf_counter() - start
   with open(log, "a", encoding="utf-8") as f:
     f.write(f"$ {' '.join(cmd)}\n--- stdout\n{out}--- stderr\n{err_text}")

@@ -4,9 +4,9 @@ clu's metric writers and periodic actions import TensorFlow as soon as `clu.metr
 imported. Where TensorFlow is installed and imports (this project's pinned stack) the training
 loop uses them. A CUDA machine often has jax without TensorFlow (the lent GPU machines' image has
 none), or one that does not import next to jax's CUDA libraries: there the same summaries are
-written as
-TensorBoard event files with the `tensorboard` package alone (`EventFileMetricWriter`), and the
-profile hook is `jax.profiler`'s trace (`ProfileSteps`). TensorBoard reads both alike.
+written as TensorBoard event files with the `tensorboard` package alone
+(`EventFileMetricWriter`), and the profile hook is `jax.profiler`'s trace (`ProfileSteps`).
+TensorBoard reads both alike.
 """
 
 from __future__ import annotations

@@ -17,8 +17,7 @@ import pytest
 from benchmarks import gpu_image
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-ABSENT = ("tensorflow", "tensorflow-cpu", "tensorflow-datasets", "grain", "array-record",
-          "tensorflow-io-gcs-filesystem", "tensorflow-metadata", "keras", "tf-keras")
+ABSENT = gpu_image.TENSORFLOW_DISTRIBUTIONS + gpu_image.DATA_PIPELINE_DISTRIBUTIONS
 
 PROGRAM = r"""
 import importlib.util, json, sys
