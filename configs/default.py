@@ -79,6 +79,9 @@ def get_config(dataset: str = "nyud") -> ml_collections.ConfigDict:
   config.num_eval_images = 4  # prediction images written to TensorBoard at each eval
   config.num_devices = -1  # -1: all local devices
   config.profile_steps = 0  # > 0: trace that many steps with the JAX profiler after the first
+  # True: bit-for-bit reruns and resumes on a GPU too, at some cost in speed (XLA's deterministic
+  # kernels, no autotuning; see iterfuse_jax/determinism.py). A CPU run is deterministic anyway.
+  config.deterministic = False
   # If set, training writes a synthetic dataset of this size to dataset.data_dir when it is absent.
   config.synthetic_data = ml_collections.ConfigDict({
       "enabled": False, "num_train": 64, "num_val": 16, "height": 96, "width": 128, "seed": 0})

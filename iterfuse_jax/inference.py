@@ -27,6 +27,7 @@ import numpy as np
 from etils import epath
 
 from data_pipelines.normalization import IMAGENET_MEAN, IMAGENET_STD
+from iterfuse_jax import determinism
 from iterfuse_jax import tasks as task_registry
 from iterfuse_jax.models import build_model
 from iterfuse_jax.models.iterative_fusion import ifb_update
@@ -183,7 +184,8 @@ class Predictor:
 
   @functools.cached_property
   def _forward(self):
-    return jax.jit(lambda variables, x: self.model.apply(variables, x, train=False)["final"])
+    return jax.jit(lambda variables, x: self.model.apply(variables, x, train=False)["final"],
+                   compiler_options=determinism.compiler_options(self.config))
 
   def predict_logits(self, image: np.ndarray) -> dict[str, np.ndarray]:
     """Final logits {task: [H, W, C_task]} at the image's own size.

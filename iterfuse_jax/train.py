@@ -35,8 +35,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 # are imported where the loop uses them, and TensorFlow (clu's writers, `summaries`) only when a
 # run starts and only if it is installed.
 from data_pipelines import io_utils  # numpy and PIL only
-from iterfuse_jax import (boundary_eval, console, eval_resizing, evaluations, inference, losses,
-                          metrics, out_of_memory, summaries, visualization)
+from iterfuse_jax import (boundary_eval, console, determinism, eval_resizing, evaluations,
+                          inference, losses, metrics, out_of_memory, summaries, visualization)
 from iterfuse_jax import tasks as task_registry
 from iterfuse_jax.models import build_model, initialization
 
@@ -190,7 +190,8 @@ def create_train_state(config: ml_collections.ConfigDict, model, tx, rng: jax.Ar
 
   replicated = NamedSharding(mesh, PartitionSpec())
   abstract = jax.eval_shape(init, rng)
-  state = jax.jit(init, out_shardings=jax.tree.map(lambda _: replicated, abstract))(rng)
+  state = jax.jit(init, out_shardings=jax.tree.map(lambda _: replicated, abstract),
+                  compiler_options=determinism.compiler_options(config))(rng)
   if config.model.pretrained:
     state = load_pretrained_backbone(state, config.model.pretrained, config.model.backbone,
                                      replicated)
@@ -526,19 +527,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                sorted(eval_steps))
 
   state_sharding = jax.tree.map(lambda _: replicated, state)
+  options = determinism.compiler_options(config)
   jitted_train = jax.jit(
       functools.partial(train_step, tasks=tasks, loss_weights=dict(config.loss_weights),
                         schedule=schedule),
       in_shardings=(state_sharding, data_sharding), out_shardings=(state_sharding, replicated),
-      donate_argnums=(0,))
+      donate_argnums=(0,), compiler_options=options)
   # An out-of-memory error of the materialized IFB names the streamed option.
   jitted_train = out_of_memory.with_hint(jitted_train, config)
   metrics_cls = metrics.make_eval_metrics(tasks, dataset)
   # Replicated results: every host computes the same metrics and takes the same decisions.
   jitted_eval = jax.jit(functools.partial(eval_step, tasks=tasks, metrics_cls=metrics_cls,
                                           resize_order=config.eval_resize),
-                        out_shardings=replicated)
-  jitted_predict = jax.jit(predict_step, out_shardings=replicated)
+                        out_shardings=replicated, compiler_options=options)
+  jitted_predict = jax.jit(predict_step, out_shardings=replicated, compiler_options=options)
 
   hooks = []
   if main:
@@ -664,12 +666,15 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   checkpoints = RunCheckpoints(workdir, config.keep_checkpoints, read_only=True)
   state, step = checkpoints.restore_state(state, which)
   metrics_cls = metrics.make_eval_metrics(tasks, config.dataset.name)
+  options = determinism.compiler_options(config)
   jitted_eval = jax.jit(functools.partial(eval_step, tasks=tasks, metrics_cls=metrics_cls,
                                           resize_order=config.eval_resize),
-                        out_shardings=NamedSharding(mesh, PartitionSpec()))
+                        out_shardings=NamedSharding(mesh, PartitionSpec()),
+                        compiler_options=options)
   eval_batches = create_eval_batches(config)
   results = evaluate(state, jitted_eval, eval_batches, data_sharding, len(eval_batches))
-  results.update(boundary_metrics(config, workdir, state, jax.jit(predict_step), data_sharding))
+  results.update(boundary_metrics(config, workdir, state,
+                                  jax.jit(predict_step, compiler_options=options), data_sharding))
   results = add_delta_m(results, config, tasks)
   console.line(results_table(results, f"{which} checkpoint (step {step}) of {workdir}"))
   checkpoints.close()

@@ -28,7 +28,7 @@ from ml_collections import config_flags
 
 from configs import demo as demo_config
 from configs import nyud_ifbC
-from iterfuse_jax import checkpoints, compare, evaluations, inference, train
+from iterfuse_jax import checkpoints, compare, determinism, evaluations, inference, train
 from tests import tensorboard_events
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -193,6 +193,39 @@ def test_killed_run_resumes_mid_epoch_exactly(finished_run, tmp_path, data_dir, 
   assert checkpoints.committed_steps(tmp_path / "checkpoints") == [3]
 
   train.train_and_evaluate(config, str(tmp_path))  # resumes from step 3
+  assert_same_run(tmp_path, reference, config)
+
+
+def test_a_deterministic_run_compiles_every_jit_with_the_options(finished_run, tmp_path,
+                                                                 monkeypatch):
+  """config.deterministic: every function that the run, its evaluation and its predictor jit gets
+  XLA's deterministic GPU options; on a CPU, deterministic anyway, the run is the same bit for bit."""
+  config, reference, *_ = finished_run
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.deterministic = True
+  real_jit = jax.jit
+  calls = []
+
+  def recording_jit(fun, *args, **kwargs):
+    caller = sys._getframe(1).f_globals.get("__name__", "")  # pylint: disable=protected-access
+    if caller.startswith("iterfuse_jax."):
+      calls.append((caller, repr(fun)[:80], kwargs.get("compiler_options")))
+    return real_jit(fun, *args, **kwargs)
+
+  monkeypatch.setattr(jax, "jit", recording_jit)
+  with contextlib.redirect_stdout(io.StringIO()):
+    train.train_and_evaluate(config, str(tmp_path))
+    train.evaluate_checkpoint(config, str(tmp_path), which="best")
+  predictor = inference.load_predictor(tmp_path)
+  predictor.predict(np.zeros((20, 30, 3), np.uint8))
+  monkeypatch.undo()
+
+  # Initialisation, train step, evaluation and prediction (twice: the run and --mode eval), the
+  # predictor's forward.
+  callers = [caller for caller, *_ in calls]
+  assert callers.count("iterfuse_jax.train") >= 7 and "iterfuse_jax.inference" in callers, calls
+  without = [c for c in calls if c[2] != determinism.DETERMINISTIC_GPU_OPTIONS]
+  assert not without, without
   assert_same_run(tmp_path, reference, config)
 
 

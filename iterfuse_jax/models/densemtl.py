@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from iterfuse_jax.models.cross_task import SpatialSelfAttention, affinity_matrix
-from iterfuse_jax.models.layers import ConvBNReLU, Dtype
+from iterfuse_jax.models.layers import ConvBNReLU, Dtype, max_pool_first
 from iterfuse_jax.models.padnet import check_task_features
 
 
@@ -68,7 +68,7 @@ class CorrelationGuidedAttention(nn.Module):
       raise ValueError(f"densemtl scale must be a positive int, got {self.scale!r}")
     s, c = self.scale, self.channels
     queries = target[:, ::s, ::s]
-    keys = nn.max_pool(source, (s, s), strides=(s, s), padding="VALID") if s > 1 else source
+    keys = max_pool_first(source, s) if s > 1 else source
     b, hq, wq, _ = queries.shape
     q = ConvBNReLU(c, dtype=self.dtype, name="query")(queries, train).reshape(b, hq * wq, c)
     k_grid = ConvBNReLU(c, dtype=self.dtype, name="key")(keys, train)

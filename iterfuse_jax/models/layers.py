@@ -172,6 +172,29 @@ def resize_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
   return jax.image.resize(x, (x.shape[0], h, w, x.shape[3]), method="bilinear", antialias=False)
 
 
+def max_pool_first(x: jax.Array, window: int) -> jax.Array:
+  """Max pooling over non-overlapping window x window tiles ("VALID": a remainder is dropped).
+
+  [B, H, W, C] -> [B, H // window, W // window, C]. The same values as
+  `flax.linen.max_pool(x, (window, window), strides=(window, window), padding="VALID")` and the
+  same gradient: all of a tile's gradient goes to its first maximum in row-major order, also when
+  several elements tie (the many zeros after a ReLU), as in XLA's select-and-scatter and
+  PyTorch's `max_pool2d`. Its gradient has no select-and-scatter, which XLA cannot compile with
+  deterministic GPU kernels (`iterfuse_jax.determinism`); it is a one-hot select instead.
+  """
+  b, h, w, c = x.shape
+  ho, wo = h // window, w // window
+  if ho == 0 or wo == 0:
+    raise ValueError(f"max_pool_first: a {window}x{window} window does not fit the input's "
+                     f"{h}x{w} grid")
+  tiles = x[:, :ho * window, :wo * window].reshape(b, ho, window, wo, window, c)
+  tiles = tiles.transpose(0, 1, 3, 5, 2, 4).reshape(b, ho, wo, c, window * window)
+  # argmax returns the first maximum; the index carries no gradient.
+  first = jax.lax.stop_gradient(jnp.argmax(tiles, axis=-1))
+  chosen = jnp.arange(window * window) == first[..., None]
+  return jnp.sum(jnp.where(chosen, tiles, jnp.zeros((), x.dtype)), axis=-1)
+
+
 def fuse_hrnet_branches(branches: Sequence[jax.Array]) -> jax.Array:
   """Upsamples every HRNet branch to the first one's size and concatenates them.
 
