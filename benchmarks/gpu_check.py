@@ -24,6 +24,9 @@ recorded as such and the others go on:
             the CPU meanwhile) over the step time, as a fraction of the GPU's dense peak for the
             row's arithmetic; the projected wall time of the paper's full runs; the issue's
             targets, printed (not asserted). The first JAX row is also profiled (top operations).
+            The "determinism" group runs one row twice in fresh processes that each compile and
+            autotune for themselves, with XLA's defaults and with config.deterministic: whether
+            reruns (and resumed runs) end with the same bits, and the speed that costs.
   pipeline  benchmarks.input_pipeline images/s at the paper's sizes with the machine's cores.
   train     the README's first command as a user runs it, `launch.py --config configs/demo.py`
             (synthetic data, tfds + grain, training, checkpoints, evaluations, TensorBoard
@@ -55,8 +58,10 @@ from benchmarks import train_step
 from benchmarks.train_step import Setting
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The environment variables of JAX's persistent compilation cache (prefixes).
+CACHE_VARIABLES = ("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE")
 PHASES = ("env", "tests", "bench", "pipeline", "train")
-GROUPS = ("nyud", "fullres", "pascal", "fp32")
+GROUPS = ("nyud", "fullres", "pascal", "fp32", "determinism")
 # Dense (no sparsity) peak TFLOP/s of the data sheets, per arithmetic: NVIDIA H100 SXM5 and H200
 # (same SMs and clocks; the H200 has more and faster memory), H100 PCIe.
 DATASHEET_TFLOPS = {
@@ -99,6 +104,8 @@ class Row:
   setting: Setting
   cap_s: float  # the row's process is killed after this long
   min_s: float  # not started with less time left than this
+  # False: the row compiles (and autotunes) for itself, without the persistent compilation cache.
+  cached: bool = True
 
 
 def _shape(dataset: str, tiny: bool) -> dict:
@@ -115,9 +122,9 @@ def plan(tiny: bool, profile_dir: str, torch_device: str = "auto") -> list[Row]:
   """The rows of a visit, most important first. bfloat16 rows run the f32 rest in TF32."""
   rows = []
 
-  def add(group, label, cap_s, min_s, **kwargs):
+  def add(group, label, cap_s, min_s, cached=True, **kwargs):
     rows.append(Row(group, label, Setting(variant="C", torch_device=torch_device, **kwargs),
-                    cap_s, min_s))
+                    cap_s, min_s, cached))
 
   jax_cap, eager_cap, compile_cap = (240, 120, 300) if tiny else (150, 120, 270)
   nyud, pascal = _shape("nyud", tiny), _shape("pascal", tiny)
@@ -163,6 +170,15 @@ def plan(tiny: bool, profile_dir: str, torch_device: str = "auto") -> list[Row]:
       precision="fp32", **nyud)
   add("fp32", "PT eager f32 IEEE", eager_cap, 30, framework="torch", impl="materialized",
       dtype="float32", precision="fp32", **nyud)
+  # Reruns at the NYUD shape: the same row twice, each process compiling and autotuning for
+  # itself as a resumed run does (no compilation cache), with XLA's defaults and with
+  # config.deterministic; equal state digests = bit-for-bit reruns. Also the speed it costs.
+  rerun = {**nyud, "steps": 1 if tiny else 5, "warmup": 0 if tiny else 1}
+  for label, deterministic in (("JAX bf16", False), ("JAX bf16 deterministic", True)):
+    for run in (1, 2):
+      add("determinism", f"{label} run {run}", jax_cap, 60, cached=False, framework="jax",
+          impl="materialized", dtype="bfloat16", precision="tf32", deterministic=deterministic,
+          **rerun)
   return rows
 
 
@@ -449,7 +465,7 @@ def start_flops_count(rows: Sequence[Row], timeout_s: float, pool) -> concurrent
 def precompile(rows: Sequence[Row], env: dict[str, str], deadline_s: float, workers: int,
                log: pathlib.Path) -> dict[str, dict]:
   """Compiles the JAX rows in parallel into the persistent cache; {label: result or error}."""
-  jax_rows = [r for r in rows if r.setting.framework == "jax"]
+  jax_rows = [r for r in rows if r.setting.framework == "jax" and r.cached]
   results = {}
   if not jax_rows or workers < 1:
     return results
@@ -478,6 +494,9 @@ def _key(row: Row) -> str:
 
 def run_rows(rows: Sequence[Row], clock: Clock, env: dict[str, str], log: pathlib.Path,
              reserve_s: float, allow_torch_compile: bool) -> list[dict]:
+  """Runs the rows one at a time; `env` holds the persistent compilation cache's settings, which
+  uncached rows run without."""
+  uncached_env = {k: v for k, v in env.items() if not k.startswith(CACHE_VARIABLES)}
   results = []
   for row in rows:
     left = clock.left() - reserve_s
@@ -489,11 +508,39 @@ def run_rows(rows: Sequence[Row], clock: Clock, env: dict[str, str], log: pathli
     else:
       print(f"[{clock.elapsed():5.0f} s] {_key(row)} ...", flush=True)
       result = train_step._measure_in_subprocess(  # pylint: disable=protected-access
-          row.setting, timeout_s=min(row.cap_s, left), log_path=str(log), env=env)
+          row.setting, timeout_s=min(row.cap_s, left), log_path=str(log),
+          env=env if row.cached else uncached_env)
       results.append({**result, "group": row.group, "label": row.label})
       print(f"[{clock.elapsed():5.0f} s]   " + (result.get("error") or
             f"{result['images_per_s']:.2f} images/s"), flush=True)
   return results
+
+
+def rerun_verdict(results: list[dict]) -> str:
+  """Whether two fresh processes of one row ended with the same bits, per setting; the speed
+  config.deterministic costs."""
+  lines = ["reruns (determinism group: fresh processes, each autotuning for itself as a resumed "
+           "run does, no compilation cache):"]
+  speed = {}
+  for deterministic, name in ((False, "XLA defaults"), (True, "config.deterministic")):
+    runs = [r for r in results if r.get("group") == "determinism"
+            and r.get("deterministic") == deterministic]
+    done = [r for r in runs if "state_sha256" in r]
+    if len(done) < 2:
+      why = "; ".join(r.get("error") or r.get("skipped", "") for r in runs if r not in done)
+      lines.append(f"  {name}: not measured ({len(done)} of 2 runs{': ' + why if why else ''})")
+      continue
+    steps = 1 + done[0]["warmup"] + done[0]["steps"]
+    same = len({r["state_sha256"] for r in done}) == 1
+    losses = ", ".join(f"{r['loss']:.6g}" for r in done)
+    lines.append(f"  {name}: parameters and BatchNorm statistics after {steps} steps "
+                 + ("bit-identical in both runs" if same else "DIFFER between the runs")
+                 + f" (losses {losses})")
+    speed[deterministic] = max(r["images_per_s"] for r in done)
+  if len(speed) == 2:
+    lines.append(f"  config.deterministic runs at {speed[True] / speed[False]:.2f}x the defaults' "
+                 f"images/s ({speed[True]:.2f} vs {speed[False]:.2f})")
+  return "\n".join(lines)
 
 
 def derive(results: list[dict], flops: dict, peaks: dict | None, precompiled: dict) -> None:
@@ -582,16 +629,16 @@ def full_resolution_verdict(results: list[dict]) -> str:
 
 
 def format_table(results: list[dict]) -> str:
-  header = (f"{'row':34s} {'prec':15s} {'img/s':>7s} {'ms/step':>8s} {'compile s':>9s} "
+  header = (f"{'row':42s} {'prec':15s} {'img/s':>7s} {'ms/step':>8s} {'compile s':>9s} "
             f"{'peak GiB':>8s} {'TFLOP/s':>7s} {'%peak':>6s} {'full run min':>12s}")
   lines = [header]
   for r in results:
     name = f"{r['group']}: {r['label']}"
     if "skipped" in r:
-      lines.append(f"{name:34s} skipped: {r['skipped']}")
+      lines.append(f"{name:42s} skipped: {r['skipped']}")
       continue
     if "error" in r:
-      lines.append(f"{name:34s} FAILED: {r['error']}")
+      lines.append(f"{name:42s} FAILED: {r['error']}")
       continue
     compile_s = r.get("precompile_s", r["compile_s"]) if r["framework"] == "jax" else r["compile_s"]
     tflops = f"{r['model_tflops']:7.3g}" if "model_tflops" in r else f"{'-':>7s}"
@@ -599,7 +646,7 @@ def format_table(results: list[dict]) -> str:
     prec = {"default": "default", "tf32": "TF32", "fp32": "IEEE f32"}[r["precision"]]
     if r["dtype"] == "bfloat16":
       prec = f"bf16 (+{prec})"
-    lines.append(f"{name:34s} {prec:15s} {r['images_per_s']:7.2f} {r['step_s'] * 1e3:8.1f} "
+    lines.append(f"{name:42s} {prec:15s} {r['images_per_s']:7.2f} {r['step_s'] * 1e3:8.1f} "
                  f"{compile_s:9.1f} {r['peak_bytes'] / 2**30:8.2f} {tflops} {frac} "
                  f"{r['projected_full_run_min']:12.1f}")
   lines.append(
@@ -837,6 +884,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       for line in targets(bench, args.tiny):
         say(line)
       say(full_resolution_verdict(bench))
+      if any(r.group == "determinism" for r in rows):
+        say(rerun_verdict(bench))
       for r in bench:
         if "profile_error" in r:
           say(f"profile of {_key(Row(r['group'], r['label'], None, 0, 0))} failed: "

@@ -23,11 +23,14 @@ of the PyTorch row of the matching kind.
 Rows also differ by float32 precision (--precision: each side's default, both TF32, or both full
 float32; the row's "matmul_precision" says what was in force), PyTorch mode (--torch-mode eager,
 compile: `torch.compile` of forward + losses), the CIB scale (--scale 1: the full-resolution IFB)
-and PyTorch device (--torch-device; "auto" is CUDA when there is one). `benchmarks/gpu_check.py`
+and PyTorch device (--torch-device; "auto" is CUDA when there is one); --deterministic compiles
+the JAX step with `config.deterministic` (`iterfuse_jax.determinism`). `benchmarks/gpu_check.py`
 drives this module's rows on a GPU machine with time limits (`_measure_in_subprocess`).
 
 Figures per row: compile time (JAX: lower + compile; PyTorch eager: 0; torch.compile: first step
-less the median step), first step, images/s
+less the median step), first step, a JAX row's state_sha256 (a digest of the parameters and
+BatchNorm statistics after its steps: two runs of one row agree iff they computed the same bits),
+images/s
 (batch / median step time over --steps timed steps after --warmup untimed ones, each step waited
 for with block_until_ready / cuda.synchronize), and peak memory:
   * GPU: JAX `device.memory_stats()["peak_bytes_in_use"]`, PyTorch
@@ -56,6 +59,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import pathlib
@@ -113,6 +117,7 @@ class Setting:
   scale: int = 2  # model.tpim.scale, the CIB's pooling factor (1: full-resolution IFB)
   torch_device: str = "auto"  # PyTorch: auto (CUDA when there is one) | cpu | cuda
   profile_dir: str = ""  # JAX: trace PROFILE_STEPS more steps into this folder and summarise them
+  deterministic: bool = False  # JAX: config.deterministic (XLA's deterministic GPU kernels)
 
 
 def benchmark_config(setting: Setting):
@@ -130,6 +135,7 @@ def benchmark_config(setting: Setting):
   config.model.tpim.n_iter = setting.n_iter
   config.model.tpim.variant = setting.variant
   config.model.tpim.scale = setting.scale
+  config.deterministic = setting.deterministic
   if setting.framework == "jax":
     config.model.tpim.ifb_impl = setting.impl
   return config
@@ -193,7 +199,7 @@ def measure_jax(setting: Setting, compile_only: bool = False) -> dict:
   import jax
   from jax.sharding import NamedSharding, PartitionSpec
 
-  from iterfuse_jax import out_of_memory, train
+  from iterfuse_jax import determinism, out_of_memory, train
   from iterfuse_jax.models import build_model
   # pylint: enable=g-import-not-at-top
 
@@ -222,7 +228,7 @@ def measure_jax(setting: Setting, compile_only: bool = False) -> dict:
       functools.partial(train.train_step, tasks=tasks, loss_weights=dict(config.loss_weights),
                         schedule=schedule),
       in_shardings=(state_sharding, data_sharding), out_shardings=(state_sharding, replicated),
-      donate_argnums=(0,))
+      donate_argnums=(0,), compiler_options=determinism.compiler_options(config))
   start = time.perf_counter()
   try:
     compiled = jitted.lower(state, batch).compile()
@@ -256,6 +262,11 @@ def measure_jax(setting: Setting, compile_only: bool = False) -> dict:
     state, metrics, seconds = step(state)
     times.append(seconds)
   loss = float(metrics["loss/total"])
+  # Two runs of the same row (same seed, batch and step count) computed the same function bit
+  # for bit iff these agree: a rerun's and a resumed run's reproducibility on this device.
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves((state.params, state.batch_stats)):
+    digest.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
 
   stats = device.memory_stats() or {}
   if "peak_bytes_in_use" in stats:
@@ -277,7 +288,8 @@ def measure_jax(setting: Setting, compile_only: bool = False) -> dict:
   return _summary(setting, times or [first_s], compile_s=compile_s, first_step_s=first_s,
                   peak_bytes=peak, peak_kind=peak_kind, xla_plan_bytes=xla_bytes, loss=loss,
                   num_params=num_params, device=f"{device.platform}: {device.device_kind}",
-                  matmul_precision=jax_precision_name(), **figures)
+                  matmul_precision=jax_precision_name(), state_sha256=digest.hexdigest(),
+                  **figures)
 
 
 # ----------------------------------------------------------------------------- PyTorch port
@@ -527,6 +539,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="comma-separated PyTorch modes: eager, compile (torch.compile)")
   parser.add_argument("--torch-device", choices=("auto", "cpu", "cuda"), default="auto")
   parser.add_argument("--scale", type=int, default=2, help="model.tpim.scale (1: full resolution)")
+  parser.add_argument("--deterministic", action="store_true",
+                      help="JAX rows: config.deterministic (XLA's deterministic GPU kernels)")
   parser.add_argument("--_child", default="", help=argparse.SUPPRESS)
   parser.add_argument("--_compile_only", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -571,7 +585,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     block = []
     if args.jax:
       for impl in args.ifb_impl:
-        block.append(run(Setting(framework="jax", impl=impl, **common)))
+        block.append(run(Setting(framework="jax", impl=impl, deterministic=args.deterministic,
+                                 **common)))
     if args.torch:
       for mode in args.torch_mode:
         for impl in args.ifb_impl:

@@ -43,6 +43,16 @@ def test_plan_puts_the_nyud_comparison_first_at_the_paper_shapes():
   assert {(r.setting.framework, r.setting.precision) for r in rows if r.group == "fp32"} == {
       ("jax", "fp32"), ("torch", "fp32")}
   assert len({gpu_check._key(r) for r in rows}) == len(rows)  # pylint: disable=protected-access
+  # Reruns: two identical uncached rows per setting, XLA's defaults and config.deterministic.
+  reruns = [r for r in rows if r.group == "determinism"]
+  assert len(reruns) == 4 and not any(r.cached for r in reruns)
+  assert all(r.cached for r in rows if r.group != "determinism")
+  by_setting = {}
+  for r in reruns:
+    by_setting.setdefault(r.setting, []).append(r.label)
+  assert sorted(s.deterministic for s in by_setting) == [False, True]
+  assert all(len(labels) == 2 for labels in by_setting.values())
+  assert {(s.height, s.width, s.batch, s.dtype) for s in by_setting} == {(480, 640, 8, "bfloat16")}
 
 
 def _row(label, framework, images_per_s, dtype="bfloat16", mode="eager", group="nyud", **kw):
@@ -95,6 +105,46 @@ def test_full_resolution_verdict():
   assert "materialized: failed with the hint, as required" in text
   bare = {**failed, "error": "JaxRuntimeError: RESOURCE_EXHAUSTED"}
   assert "WITHOUT the hint" in gpu_check.full_resolution_verdict([bare])
+
+
+def test_rerun_verdict():
+  def run(label, deterministic, digest, images_per_s, loss=1.5):
+    row = _row(label, "jax", images_per_s, group="determinism", deterministic=deterministic)
+    if digest:
+      row.update(state_sha256=digest, loss=loss)
+    return row
+
+  rows = [run("d1", False, "aa", 50.0), run("d2", False, "ab", 52.0, loss=1.50001),
+          run("x1", True, "cc", 40.0), run("x2", True, "cc", 39.0)]
+  text = gpu_check.rerun_verdict(rows)
+  assert "XLA defaults: parameters and BatchNorm statistics after 13 steps DIFFER" in text
+  assert "config.deterministic: parameters and BatchNorm statistics after 13 steps " \
+      "bit-identical in both runs" in text
+  assert "config.deterministic runs at 0.77x the defaults' images/s (40.00 vs 52.00)" in text
+  failed = {**run("x2", True, None, None), "error": "timed out after 150 s (killed)"}
+  text = gpu_check.rerun_verdict(rows[:3] + [failed])
+  assert "config.deterministic: not measured (1 of 2 runs: timed out after 150 s" in text
+  assert "runs at" not in text
+
+
+def test_uncached_rows_run_without_the_compilation_cache(monkeypatch, tmp_path):
+  seen = {}
+
+  def fake_measure(setting, timeout_s=None, log_path="", compile_only=False, env=None):
+    seen[setting.deterministic] = env
+    return {**setting.__dict__, "images_per_s": 1.0}
+
+  monkeypatch.setattr(gpu_check.train_step, "_measure_in_subprocess", fake_measure)
+  rows = [r for r in gpu_check.plan(tiny=True, profile_dir="")
+          if r.label.endswith("run 1")]
+  env = gpu_check.child_env(JAX_COMPILATION_CACHE_DIR="/c",
+                            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", OTHER="1")
+  gpu_check.run_rows(rows, gpu_check.Clock(600), env, tmp_path / "log", 0, True)
+  assert set(seen) == {False, True}
+  for row_env in seen.values():
+    assert row_env["OTHER"] == "1" and not any(k.startswith(("JAX_COMPILATION_CACHE",
+                                                            "JAX_PERSISTENT_CACHE"))
+                                               for k in row_env)
 
 
 def test_profile_summary_reads_a_real_trace(tmp_path):
@@ -170,7 +220,8 @@ def test_gpu_check_dry_run_through_the_shell_script(tmp_path):
          "JAX_DISABLE_MOST_OPTIMIZATIONS": "1", "OMP_NUM_THREADS": "1"}
   done = subprocess.run(
       ["bash", str(REPO_ROOT / "benchmarks" / "gpu_check.sh"), str(out), "--tiny",
-       "--rows", "nyud: JAX bf16,nyud: PT eager f32 TF32,nyud: PT compile bf16",
+       "--rows", "nyud: JAX bf16,nyud: PT eager f32 TF32,nyud: PT compile bf16,"
+       "determinism: JAX bf16 deterministic run 1,determinism: JAX bf16 deterministic run 2",
        "--precompile", "1", "--torch-device", "cpu"],
       cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
   assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
@@ -181,7 +232,14 @@ def test_gpu_check_dry_run_through_the_shell_script(tmp_path):
   results = json.loads((out / "results.json").read_text())
   assert results["tests"]["passed"] > 0 and results["tests"]["failed"] == 0
   rows = {r["label"]: r for r in results["bench"]}
+  reruns = [rows.pop(f"JAX bf16 deterministic run {i}") for i in (1, 2)]
   assert set(rows) == {"JAX bf16", "PT eager f32 TF32", "PT compile bf16"}
+  # Each rerun compiled for itself (not ahead, not from the cache), and on a CPU they agree.
+  assert all("precompile_s" not in r and r["compile_s"] > 0 for r in reruns), reruns
+  assert reruns[0]["state_sha256"] == reruns[1]["state_sha256"]
+  assert ("config.deterministic: parameters and BatchNorm statistics after 2 steps bit-identical"
+          in summary)
+  assert "XLA defaults: not measured (0 of 2 runs)" in summary
   for label in ("JAX bf16", "PT eager f32 TF32"):
     assert rows[label]["images_per_s"] > 0 and rows[label]["model_tflops"] > 0, rows[label]
     assert rows[label]["projected_full_run_min"] > 0
