@@ -139,6 +139,10 @@ def plan(tiny: bool, profile_dir: str, torch_device: str = "auto") -> list[Row]:
       dtype="float32", precision="tf32", **nyud)
   add("nyud", "PT compile bf16", compile_cap, 120, framework="torch", impl="materialized",
       dtype="bfloat16", precision="tf32", torch_mode="compile", **nyud)
+  # Before/after of bfloat16 IFB products (model.tpim.ifb_products, "model" by default): the
+  # same bf16 step with Co and V entering the products in float32 (TF32).
+  add("nyud", "JAX bf16 IFB f32", jax_cap, 30, framework="jax", impl="materialized",
+      dtype="bfloat16", precision="tf32", ifb_products="float32", **nyud)
   add("nyud", "JAX bf16 streamed", jax_cap, 30, framework="jax", impl="streamed",
       dtype="bfloat16", precision="tf32", **nyud)
   add("nyud", "PT compile f32 TF32", compile_cap, 120, framework="torch", impl="materialized",

@@ -278,6 +278,8 @@ def check_config_covered(config) -> None:
   implemented = {"model.name": (m.name, "iterfuse"), "model.backbone": (m.backbone, "w18_small_v2"),
                  "model.fuse_upsample": (m.fuse_upsample, "bilinear"),
                  "model.tpim.use_ifb": (tpim.use_ifb, True),
+                 # co.to(v.dtype): the products in the model's dtype (bf16 under autocast).
+                 "model.tpim.ifb_products": (tpim.get("ifb_products", "model"), "model"),
                  "optimizer.name": (opt.name, "adam")}
   differ = {k: got for k, (got, want) in implemented.items() if got != want}
   if differ:

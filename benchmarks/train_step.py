@@ -24,7 +24,9 @@ Rows also differ by float32 precision (--precision: each side's default, both TF
 float32; the row's "matmul_precision" says what was in force), PyTorch mode (--torch-mode eager,
 compile: `torch.compile` of forward + losses), the CIB scale (--scale 1: the full-resolution IFB)
 and PyTorch device (--torch-device; "auto" is CUDA when there is one); --deterministic compiles
-the JAX step with `config.deterministic` (`iterfuse_jax.determinism`). `benchmarks/gpu_check.py`
+the JAX step with `config.deterministic` (`iterfuse_jax.determinism`), --ifb-products float32
+keeps the materialized IFB's products in float32 under bfloat16 (`model.tpim.ifb_products`; by
+default they take the model's dtype, as the PyTorch port's do under autocast). `benchmarks/gpu_check.py`
 drives this module's rows on a GPU machine with time limits (`_measure_in_subprocess`).
 
 Figures per row: compile time (JAX: lower + compile; PyTorch eager: 0; torch.compile: first step
@@ -118,6 +120,7 @@ class Setting:
   torch_device: str = "auto"  # PyTorch: auto (CUDA when there is one) | cpu | cuda
   profile_dir: str = ""  # JAX: trace PROFILE_STEPS more steps into this folder and summarise them
   deterministic: bool = False  # JAX: config.deterministic (XLA's deterministic GPU kernels)
+  ifb_products: str = "model"  # JAX: model.tpim.ifb_products ("model" | "float32")
 
 
 def benchmark_config(setting: Setting):
@@ -138,6 +141,7 @@ def benchmark_config(setting: Setting):
   config.deterministic = setting.deterministic
   if setting.framework == "jax":
     config.model.tpim.ifb_impl = setting.impl
+    config.model.tpim.ifb_products = setting.ifb_products
   return config
 
 
@@ -541,6 +545,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--scale", type=int, default=2, help="model.tpim.scale (1: full resolution)")
   parser.add_argument("--deterministic", action="store_true",
                       help="JAX rows: config.deterministic (XLA's deterministic GPU kernels)")
+  parser.add_argument("--ifb-products", choices=("model", "float32"), default="model",
+                      help="JAX rows: model.tpim.ifb_products, the materialized IFB's product "
+                      "operands (PyTorch autocast: the model's dtype)")
   parser.add_argument("--_child", default="", help=argparse.SUPPRESS)
   parser.add_argument("--_compile_only", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -586,7 +593,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.jax:
       for impl in args.ifb_impl:
         block.append(run(Setting(framework="jax", impl=impl, deterministic=args.deterministic,
-                                 **common)))
+                                 ifb_products=(args.ifb_products if impl == "materialized"
+                                               else "model"), **common)))
     if args.torch:
       for mode in args.torch_mode:
         for impl in args.ifb_impl:

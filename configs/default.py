@@ -39,6 +39,10 @@ def get_model_config() -> ml_collections.ConfigDict:
           "scale": 2,
           "qk_channels": 0,  # 0: d = task_channels // 2 (see configs/README.md)
           "ifb_impl": "materialized",
+          # Co and V enter the materialized IFB's products in the model's dtype ("model":
+          # bfloat16 under dtype="bfloat16", as PyTorch autocast) or "float32"; both accumulate
+          # in float32.
+          "ifb_products": "model",
       },
   })
 

@@ -2,8 +2,9 @@
 
 With model.dtype = "bfloat16" the step must run every convolution and the resize products on
 bfloat16 operands, while the attention logits accumulate in float32, the softmax over positions
-and every IFB product (Co V and its gradients) stay float32. With "float32" nothing may be
-bfloat16. These are read off the step's StableHLO (what JAX asks XLA to compute) on any backend;
+stays float32, and every IFB product (Co V and its gradients) accumulates in float32: on bfloat16
+operands by default (model.tpim.ifb_products="model", as PyTorch autocast), on float32 ones with
+ifb_products="float32". With "float32" nothing may be bfloat16. These are read off the step's StableHLO (what JAX asks XLA to compute) on any backend;
 on a GPU (ITERFUSE_TEST_PLATFORM=gpu) also off the optimised HLO that XLA compiled, where the
 convolutions are cuDNN calls. A model that ignored model.dtype fails here, whatever its losses.
 """
@@ -23,15 +24,15 @@ SIZE = 32
 TASKS = ("semseg", "depth")
 
 
-def _setting(dtype: str, impl: str) -> bench.Setting:
+def _setting(dtype: str, impl: str, ifb_products: str = "model") -> bench.Setting:
   return bench.Setting(framework="jax", impl=impl, dataset="nyud", height=SIZE, width=SIZE,
                        batch=2, n_iter=2, variant="C", task_channels=8, dtype=dtype, steps=1,
-                       warmup=0)
+                       warmup=0, ifb_products=ifb_products)
 
 
-def _jitted_step_and_args(dtype: str, impl: str):
+def _jitted_step_and_args(dtype: str, impl: str, ifb_products: str = "model"):
   """The benchmark's jitted train step and abstract arguments (nothing is initialised)."""
-  config = bench.benchmark_config(_setting(dtype, impl))
+  config = bench.benchmark_config(_setting(dtype, impl, ifb_products))
   model = build_model(config)
   schedule = train.create_learning_rate_schedule(config, 10)
   tx = train.create_optimizer(config, schedule)
@@ -47,8 +48,8 @@ def _jitted_step_and_args(dtype: str, impl: str):
 
 
 @functools.cache
-def _stablehlo(dtype: str, impl: str) -> str:
-  step, state, batch = _jitted_step_and_args(dtype, impl)
+def _stablehlo(dtype: str, impl: str, ifb_products: str = "model") -> str:
+  step, state, batch = _jitted_step_and_args(dtype, impl, ifb_products)
   return step.lower(state, batch).as_text()
 
 
@@ -98,6 +99,31 @@ def test_bfloat16_step_convolves_in_bfloat16_and_attends_in_float32(impl):
   # The softmax over positions: exponentials of [B, M, M] (or [B, M, block]) logits.
   softmax_exps = [e for e in ops(text, "exponential") if len(e[1].shape) == 3]
   assert softmax_exps and all(e[1].dtype == "f32" for e in softmax_exps), softmax_exps
+
+
+# The pooled grid of a SIZE x SIZE input (HRNet's stride 4, then the CIB's sc = 2) and C.
+GRID_M, CHANNELS = (SIZE // 8) ** 2, 8
+
+
+def _ifb_products(text: str) -> list:
+  """The materialized IFB's products and their gradients: Co V and dV = Co^T g ([B, M, M] x
+  [B, M, C] -> [B, M, C]), dCo = g V^T ([B, M, C] x [B, M, C] -> [B, M, M])."""
+  square, values = (2, GRID_M, GRID_M), {(2, GRID_M, CHANNELS), (2, CHANNELS, GRID_M)}
+  out = []
+  for d in ops(text, "dot_general"):
+    shapes = [t.shape for t in d[0]] + [d[1].shape]
+    if shapes.count(square) == 1 and all(s in values for s in shapes if s != square):
+      out.append(d)
+  return out
+
+
+@pytest.mark.parametrize("ifb_products, operands", [("model", "bf16"), ("float32", "f32")])
+def test_bfloat16_ifb_products_take_the_asked_operands(ifb_products, operands):
+  products = _ifb_products(_stablehlo("bfloat16", "materialized", ifb_products))
+  # Two CIBs (semseg <-> depth): per CIB the forward's and the backward's loop bodies, dCo.
+  assert len(products) >= 6, products
+  assert all(t.dtype == operands for d in products for t in d[0]), products
+  assert all(d[1].dtype == "f32" for d in products), products
 
 
 def test_float32_step_has_no_bfloat16():

@@ -14,6 +14,9 @@ from iterfuse_jax.models.layers import ConvBNReLU, Dtype, resize_bilinear
 from iterfuse_jax.precision import accumulation_dtype
 
 IFB_IMPLEMENTATIONS = ("materialized", "streamed")
+# The dtype of Co and V in the materialized IFB's products: the model's compute dtype (bfloat16
+# under model.dtype="bfloat16", as PyTorch autocast computes them), or float32.
+IFB_PRODUCTS = ("model", "float32")
 
 
 def affinity_matrix(q: jax.Array, k: jax.Array) -> jax.Array:
@@ -61,6 +64,8 @@ class CrossTaskInteractionBlock(nn.Module):
     n_iter: IFB iterations (static).
     alpha_init: initial value of the learnable scalar alpha.
     ifb_impl: "materialized" (builds Co once per forward) or "streamed" (never builds Co).
+    ifb_products: the materialized IFB's product operands (IFB_PRODUCTS): "model" (`dtype`) or
+      "float32". The streamed IFB chooses its own (streamed_fusion.py) and takes "model" only.
     dtype: computation dtype; the softmax and IFB accumulate in at least float32.
 
   Inputs f_s, f_t: [B, H, W, C] -> [B, H, W, C]. With the "intermediates" collection mutable, the
@@ -76,6 +81,7 @@ class CrossTaskInteractionBlock(nn.Module):
   n_iter: int = 18
   alpha_init: float = 0.3
   ifb_impl: str = "materialized"
+  ifb_products: str = "model"
   dtype: Dtype = jnp.float32
 
   def _check(self, f_s: jax.Array, f_t: jax.Array) -> None:
@@ -83,6 +89,14 @@ class CrossTaskInteractionBlock(nn.Module):
     if self.ifb_impl not in IFB_IMPLEMENTATIONS:
       raise ValueError(
           f"unknown ifb_impl {self.ifb_impl!r}; expected one of {list(IFB_IMPLEMENTATIONS)}")
+    if self.ifb_products not in IFB_PRODUCTS:
+      raise ValueError(f"unknown ifb_products {self.ifb_products!r}; expected one of "
+                       f"{list(IFB_PRODUCTS)}")
+    if self.ifb_impl == "streamed" and self.ifb_products != "model":
+      raise ValueError(
+          f"ifb_products={self.ifb_products!r} applies to the materialized IFB; the streamed IFB "
+          "computes its products in its own precision (cuDNN: the model's dtype; blockwise: "
+          "float32): leave model.tpim.ifb_products at 'model'")
     if not isinstance(self.scale, int) or self.scale < 1:
       raise ValueError(f"scale must be a positive int, got {self.scale!r}")
     for name, f in (("f_s", f_s), ("f_t", f_t)):
@@ -127,7 +141,8 @@ class CrossTaskInteractionBlock(nn.Module):
     else:
       co = affinity_matrix(q, k)
       self.sow("intermediates", "affinity", co)
-      fused = iterative_fusion(co, v, alpha, n_iter, variant)
+      products = self.dtype if self.ifb_products == "model" else jnp.float32
+      fused = iterative_fusion(co, v, alpha, n_iter, variant, product_dtype=products)
 
     fused = resize_bilinear(fused.reshape(b, h, w, c).astype(self_features.dtype),
                             f_t.shape[1:3])
@@ -150,6 +165,7 @@ class TaskPairInteractionModule(nn.Module):
   n_iter: int = 18
   alpha_init: float = 0.3
   ifb_impl: str = "materialized"
+  ifb_products: str = "model"
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -166,7 +182,8 @@ class TaskPairInteractionModule(nn.Module):
         block = CrossTaskInteractionBlock(
             channels=self.channels, qk_channels=self.qk_channels, scale=self.scale,
             use_ifb=self.use_ifb, variant=self.variant, n_iter=self.n_iter,
-            alpha_init=self.alpha_init, ifb_impl=self.ifb_impl, dtype=self.dtype,
+            alpha_init=self.alpha_init, ifb_impl=self.ifb_impl,
+            ifb_products=self.ifb_products, dtype=self.dtype,
             name=f"cib_{source}_to_{target}")
         total = total + block(features[source], features[target], train)
       out[target] = total

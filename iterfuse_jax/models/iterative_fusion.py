@@ -12,6 +12,8 @@ so that, in closed form, A = Co^n V, B = (alpha Co + I)^n V, C = (alpha Co + (1 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -37,8 +39,45 @@ def ifb_update(attended: jax.Array, v: jax.Array, alpha: jax.Array, variant: str
   return alpha * attended + (1.0 - alpha) * v
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def mixed_precision_product(co: jax.Array, v: jax.Array, product_dtype) -> jax.Array:
+  """Co V on `product_dtype` operands, accumulated and returned in at least float32.
+
+  co: [B, M, M], v: [B, M, C] -> [B, M, C]. The backward's two products (dCo = g V^T,
+  dV = Co^T g) also take `product_dtype` operands (the cotangent rounded to it, as PyTorch
+  autocast's bf16 backward does) and accumulate in float32; dCo comes back in Co's dtype without
+  rounding to `product_dtype`. Plain autodiff of a product with a float32 result would instead
+  run both backward products on float32 operands.
+  """
+  return _product(co, v, product_dtype)
+
+
+def _product(co, v, product_dtype):
+  acc = accumulation_dtype(jnp.promote_types(co.dtype, v.dtype))
+  return jnp.einsum("bij,bjc->bic", co.astype(product_dtype), v.astype(product_dtype),
+                    preferred_element_type=acc)
+
+
+def _product_fwd(co, v, product_dtype):
+  # The residuals are the inputs themselves: inside the IFB's loop Co is loop-invariant and is
+  # saved once, not once per iteration (a cast copy would be a new residual per iteration).
+  return _product(co, v, product_dtype), (co, v)
+
+
+def _product_bwd(product_dtype, residuals, g):
+  co, v = residuals
+  acc = accumulation_dtype(jnp.promote_types(co.dtype, v.dtype))
+  g = g.astype(product_dtype)
+  d_co = jnp.einsum("bic,bjc->bij", g, v.astype(product_dtype), preferred_element_type=acc)
+  d_v = jnp.einsum("bij,bic->bjc", co.astype(product_dtype), g, preferred_element_type=acc)
+  return d_co.astype(co.dtype), d_v.astype(v.dtype)
+
+
+mixed_precision_product.defvjp(_product_fwd, _product_bwd)
+
+
 def iterative_fusion(co: jax.Array, v: jax.Array, alpha: jax.Array, n_iter: int,
-                     variant: str = "C") -> jax.Array:
+                     variant: str = "C", product_dtype=None) -> jax.Array:
   """Runs the IFB.
 
   Args:
@@ -47,6 +86,9 @@ def iterative_fusion(co: jax.Array, v: jax.Array, alpha: jax.Array, n_iter: int,
     alpha: scalar (0-d array) fusion weight; unused by variant A.
     n_iter: number of iterations, a static non-negative int; 0 returns `v` unchanged.
     variant: "A", "B" or "C".
+    product_dtype: the dtype of Co and V as operands of the products Co V and of their
+      gradients (None: the wider of their dtypes). bfloat16 halves the matrix's memory traffic
+      and doubles tensor-core throughput; the products still accumulate in at least float32.
 
   Returns:
     [B, M, C] V^{n_iter}, in the dtype of `v`.
@@ -54,6 +96,12 @@ def iterative_fusion(co: jax.Array, v: jax.Array, alpha: jax.Array, n_iter: int,
   `Co` enters the loop as a loop-invariant constant, so it is built once per forward pass; under
   reverse-mode differentiation the loop keeps one [B, M, C] iterate per step (plus `Co` once), not one
   [B, M, M] matrix per step. Matrix products accumulate in at least float32.
+
+  With a narrower `product_dtype` each product is a `mixed_precision_product`: Co is cast inside
+  the loop body (XLA hoists the loop-invariant cast out of the loop), and the gradient of Co
+  comes back from every iteration in Co's own dtype and is summed there. Casting Co once before
+  the loop would sum the n_iter contributions in bfloat16, which measurably worsens dCo and with
+  it dQ and dK (tests/models/test_iterative_fusion.py).
   """
   check_ifb_args(variant, n_iter)
   if co.ndim != 3 or co.shape[1] != co.shape[2]:
@@ -69,10 +117,15 @@ def iterative_fusion(co: jax.Array, v: jax.Array, alpha: jax.Array, n_iter: int,
 
   out_dtype = v.dtype
   acc = accumulation_dtype(jnp.promote_types(co.dtype, v.dtype))
+  if product_dtype is None:
+    product_dtype = jnp.promote_types(co.dtype, v.dtype)
   alpha = alpha.astype(acc)
 
   def body(_, v_t):
-    attended = jnp.einsum("bij,bjc->bic", co, v_t.astype(co.dtype), preferred_element_type=acc)
+    if jnp.dtype(product_dtype) == acc:
+      attended = jnp.einsum("bij,bjc->bic", co.astype(acc), v_t.astype(acc))
+    else:
+      attended = mixed_precision_product(co, v_t, product_dtype)
     return ifb_update(attended, v_t.astype(acc), alpha, variant).astype(out_dtype)
 
   return jax.lax.fori_loop(0, n_iter, body, v)

@@ -2,7 +2,9 @@
 
 import json
 
-from benchmarks import boundary_eval, ifb_memory
+import pytest
+
+from benchmarks import boundary_eval, ifb_memory, ifb_precision
 
 
 def test_ifb_memory_benchmark_smoke(tmp_path, capsys):
@@ -41,3 +43,22 @@ def test_boundary_eval_benchmark_smoke(capsys):
   assert [(r[0].strip(), r[1].strip(), r[2].strip()) for r in rows] == [
       ("nyud", "60x80", "0.011"), ("pascal", "47x62", "0.0075")]
   assert all(float(r[4]) > 0 and 0 <= float(r[5]) <= 100 for r in rows)
+
+
+def test_ifb_precision_benchmark_smoke(capsys):
+  assert ifb_precision.main(["--grid", "8x8", "--channels", "8", "--n-iter", "4",
+                             "--repeats", "1"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0].startswith("IFB C forward+backward from Q, K, V: M = 8x8 = 64, C 8, d 4")
+  rows = {line[:24].strip(): line[24:].split() for line in lines[2:]}
+  assert list(rows) == ["float32", "bf16, float32 products", "bf16, bf16 products"]
+  errors = {name: [float(x) for x in values[1:]] for name, values in rows.items()}
+  # float32 is float32 rounding away from float64; bfloat16 activations, bfloat16 rounding.
+  assert max(errors["float32"]) < 1e-4
+  assert all(1e-4 < e[0] < 3e-2 for name, e in errors.items() if name != "float32"), errors
+
+
+def test_ifb_precision_benchmark_rejects_a_bad_grid(capsys):
+  with pytest.raises(SystemExit):
+    ifb_precision.main(["--grid", "8by8"])
+  assert "--grid must be HxW" in capsys.readouterr().err

@@ -4,6 +4,7 @@ The GPU visit happens in a later session with a few device minutes: everything i
 here first at tiny shapes, through the same shell script, so that it cannot rot.
 """
 
+import dataclasses
 import json
 import pathlib
 import subprocess
@@ -43,6 +44,12 @@ def test_plan_puts_the_nyud_comparison_first_at_the_paper_shapes():
   assert {(r.setting.framework, r.setting.precision) for r in rows if r.group == "fp32"} == {
       ("jax", "fp32"), ("torch", "fp32")}
   assert len({gpu_check._key(r) for r in rows}) == len(rows)  # pylint: disable=protected-access
+  # The before/after of bfloat16 IFB products: one row with float32 products, the same setting
+  # as the first row otherwise.
+  (ifb_f32,) = [r for r in rows if r.setting.ifb_products == "float32"]
+  assert ifb_f32.group == "nyud" and ifb_f32.setting.dtype == "bfloat16"
+  assert dataclasses.replace(ifb_f32.setting, ifb_products="model") == dataclasses.replace(
+      first.setting, profile_dir="")
   # Reruns: two identical uncached rows per setting, XLA's defaults and config.deterministic.
   reruns = [r for r in rows if r.group == "determinism"]
   assert len(reruns) == 4 and not any(r.cached for r in reruns)

@@ -135,3 +135,15 @@ def test_train_step_benchmark_rejects_bad_arguments(args, message, capsys):
   with pytest.raises(SystemExit):
     train_step.main(args)
   assert message in capsys.readouterr().err
+
+
+def test_the_port_refuses_what_it_does_not_implement():
+  port = train_step.torch_port()
+  config = train_step.benchmark_config(train_step.Setting(
+      framework="jax", impl="materialized", dataset="nyud", height=32, width=32, batch=2,
+      n_iter=2, variant="C", task_channels=8, dtype="bfloat16", steps=1, warmup=0))
+  port.check_config_covered(config)  # Co V in the model's dtype: the port's co.to(v.dtype)
+  config.model.tpim.ifb_products = "float32"
+  with pytest.raises(ValueError, match=r"does not implement \{'model.tpim.ifb_products': "
+                                       r"'float32'\}"):
+    port.check_config_covered(config)

@@ -1,5 +1,7 @@
 """The IFB against its closed forms, under jit and grad, and its memory behaviour."""
 
+import collections
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,6 +99,58 @@ def test_bfloat16_values_keep_dtype_and_accuracy():
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), atol=5e-2)
 
 
+def _relative_error(got, want) -> float:
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def test_bfloat16_products_forward_and_backward_stay_accurate():
+  """product_dtype=bfloat16: Co and V enter the forward products in bfloat16, and so do the
+  backward's (dCo = g V^T, dV = Co^T g), all accumulating in float32; outputs and gradients stay
+  within bfloat16 rounding of float64's.
+
+  dCo sums n_iter contributions; each comes back in float32 and they are added in float32.
+  Measured here (M 256, C 16, n_iter 18), relative error of dCo: 2.2e-3 this way, 5.4e-3 when Co
+  is cast to bfloat16 once before the loop under plain autodiff (contributions added in
+  bfloat16), 1.6e-7 in float32.
+  """
+  m, c, n = 256, 16, 18
+  rng = np.random.default_rng(0)
+  logits, v, g = (rng.normal(size=shape) for shape in ((1, m, m), (1, m, c), (1, m, c)))
+
+  def vjp(co, v, product_dtype):
+    f = lambda co, v: iterative_fusion(co, v, jnp.asarray(0.3, co.dtype), n, "C",
+                                       product_dtype=product_dtype)
+    out, pullback = jax.vjp(f, co, v)
+    return (out, *pullback(jnp.asarray(g, out.dtype)))
+
+  with jax.enable_x64():
+    co = jax.nn.softmax(jnp.asarray(logits * 3.0, jnp.float64), axis=-1)
+    want = vjp(co, jnp.asarray(v, jnp.float64), None)
+    assert want[0].dtype == jnp.float64
+  co, v = co.astype(jnp.float32), jnp.asarray(v, jnp.float32)
+  got = vjp(co, v, jnp.bfloat16)
+  assert [x.dtype for x in got] == [jnp.float32] * 3
+  errors = {name: _relative_error(a, b) for name, a, b in zip(("out", "dco", "dv"), got, want)}
+  assert all(e < 3e-3 for e in errors.values()), errors
+
+  text = jax.jit(lambda co, v: vjp(co, v, jnp.bfloat16)).lower(co, v).as_text()
+  # Every product with Co or dCo in it: bfloat16 operands, float32 result. Co V and dV = Co^T g
+  # (the loop bodies of forward and backward), dCo = g V^T (backward).
+  ifb = [d for d in _dots(text) if (1, m, m) in [t.shape for t in d[0]] + [d[1].shape]]
+  assert all([t.dtype for t in d[0]] == ["bf16", "bf16"] and d[1].dtype == "f32"
+             for d in ifb), ifb
+  kinds = collections.Counter((d[0][0].shape, d[0][1].shape, d[1].shape) for d in ifb)
+  assert kinds[((1, m, m), (1, m, c), (1, m, c))] >= 2, kinds
+  assert kinds[((1, m, c), (1, m, c), (1, m, m))] >= 1, kinds
+
+
+def _dots(text: str):
+  """(operand types, result type) of every dot_general, as in tests/test_precision.py."""
+  from tests.test_precision import ops  # pylint: disable=g-import-not-at-top
+  return ops(text, "dot_general")
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(variant="D"), "unknown IFB variant 'D'"),
     (dict(n_iter=-1), "n_iter must be a non-negative int"),
@@ -119,10 +173,12 @@ def _temp_bytes(fn, *args):
   return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 
-def test_backward_keeps_iterates_not_one_affinity_matrix_per_iteration():
+@pytest.mark.parametrize("product_dtype", [None, jnp.bfloat16])
+def test_backward_keeps_iterates_not_one_affinity_matrix_per_iteration(product_dtype):
   """Forward+backward temp memory grows by about one [M, C] iterate per extra iteration.
 
-  With M >> C, keeping a [M, M] matrix per iteration would add M/C times more per iteration.
+  With M >> C, keeping a [M, M] matrix per iteration would add M/C times more per iteration. With
+  bfloat16 products, the bfloat16 copy of Co must not become a residual per iteration either.
   """
   m, c = 512, 8
   rng = np.random.default_rng(0)
@@ -131,7 +187,7 @@ def test_backward_keeps_iterates_not_one_affinity_matrix_per_iteration():
 
   def grad_fn(n):
     def loss(co, v, a):
-      return jnp.sum(iterative_fusion(co, v, a, n, "C"))
+      return jnp.sum(iterative_fusion(co, v, a, n, "C", product_dtype=product_dtype))
     return jax.grad(loss, argnums=(0, 1, 2))
 
   t4 = _temp_bytes(grad_fn(4), co, v, jnp.float32(0.3))

@@ -20,7 +20,7 @@ def tiny_config(dataset="nyud", tasks=("semseg", "depth"), **model_overrides):
           "name": "iterfuse", "backbone": "w18_small_v2", "fuse_upsample": "bilinear",
           "task_channels": 16, "initial_blocks": 1, "dtype": "float32",
           "tpim": {"use_ifb": True, "variant": "C", "n_iter": 3, "alpha_init": 0.3, "scale": 2,
-                   "qk_channels": 0, "ifb_impl": "materialized"},
+                   "qk_channels": 0, "ifb_impl": "materialized", "ifb_products": "model"},
       },
   })
   for key, value in model_overrides.items():
@@ -178,6 +178,9 @@ def test_bfloat16_compute_keeps_float32_params_and_outputs():
     (dict(variant="Z"), "unknown IFB variant 'Z'"),
     (dict(n_iter=-3), "n_iter must be a non-negative int"),
     (dict(ifb_impl="magic"), "unknown ifb_impl 'magic'"),
+    (dict(ifb_products="half"), "unknown ifb_products 'half'"),
+    (dict(ifb_impl="streamed", ifb_products="float32"),
+     "ifb_products='float32' applies to the materialized IFB"),
     (dict(dtype="float16"), "unknown model.dtype 'float16'"),
     (dict(name="nonet"), "unknown model.name 'nonet'"),
     (dict(backbone="w99"), "w99"),
@@ -186,6 +189,14 @@ def test_bad_model_config_raises(overrides, message):
   with pytest.raises(ValueError, match=message):
     model = models.build_model(tiny_config(**overrides))
     model.init(jax.random.key(0), _images(batch=1))
+
+
+def test_ifb_products_of_a_config_and_of_an_older_run_config():
+  assert models.build_model(tiny_config()).distillation.ifb_products == "model"
+  # A workdir's config.json from before the option: that run's IFB products were float32.
+  old = tiny_config()
+  del old.model.tpim["ifb_products"]
+  assert models.build_model(old).distillation.ifb_products == "float32"
 
 
 @pytest.mark.parametrize("dataset, tasks, message", [
