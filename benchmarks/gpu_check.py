@@ -84,6 +84,7 @@ GPU_TESTS = (
     "tests/test_train.py::test_adam_adds_l2_decay_to_the_gradient",
     "tests/models/test_network.py",
     "tests/models/test_hrnet.py",
+    "tests/test_determinism.py",
 )
 TINY_TESTS = ("tests/test_losses.py",)
 # Libraries the GPU image lacks and that travel as wheels; their versions are printed.
