@@ -26,8 +26,8 @@ compile: `torch.compile` of forward + losses), the CIB scale (--scale 1: the ful
 and PyTorch device (--torch-device; "auto" is CUDA when there is one); --deterministic compiles
 the JAX step with `config.deterministic` (`iterfuse_jax.determinism`), --ifb-products float32
 keeps the materialized IFB's products in float32 under bfloat16 (`model.tpim.ifb_products`; by
-default they take the model's dtype, as the PyTorch port's do under autocast). `benchmarks/gpu_check.py`
-drives this module's rows on a GPU machine with time limits (`_measure_in_subprocess`).
+default they take the model's dtype, as the PyTorch port's do under autocast).
+`benchmarks/gpu_check.py` drives this module's rows on a GPU machine with time limits (`_measure_in_subprocess`).
 
 Figures per row: compile time (JAX: lower + compile; PyTorch eager: 0; torch.compile: first step
 less the median step), first step, a JAX row's state_sha256 (a digest of the parameters and

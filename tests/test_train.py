@@ -198,8 +198,9 @@ def test_killed_run_resumes_mid_epoch_exactly(finished_run, tmp_path, data_dir, 
 
 def test_a_deterministic_run_compiles_every_jit_with_the_options(finished_run, tmp_path,
                                                                  monkeypatch):
-  """config.deterministic: every function that the run, its evaluation and its predictor jit gets
-  XLA's deterministic GPU options; on a CPU, deterministic anyway, the run is the same bit for bit."""
+  """config.deterministic: every function that the run, its evaluation and its predictor jit
+  gets XLA's deterministic GPU options; on a CPU, deterministic anyway, the run is the same bit
+  for bit."""
   config, reference, *_ = finished_run
   config = ml_collections.ConfigDict(config.to_dict())
   config.deterministic = True
