@@ -8,7 +8,8 @@
 Any config field can be overridden with `--config.<key>=<value>`; unknown keys are errors.
 A killed run started again with the same command resumes from its last checkpoint; on a finished
 workdir the command prints the final metrics. Library logs go to <workdir>/log.txt (`-v 0` shows
-them on the console too).
+them on the console too). Compiled steps are kept in <workdir>/compilation_cache, so the command
+run again loads them instead of compiling (--compilation_cache_dir moves or turns it off).
 
 Multi-host (or one process per GPU): start the same command in every process, with
   --distributed                     on a cluster JAX recognises (SLURM, Open MPI, Kubernetes, TPU),
@@ -48,6 +49,11 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None,
 _LOCAL_DEVICE_IDS = flags.DEFINE_list(
     "local_device_ids", None,
     "Local accelerator ids this process uses, e.g. 0 (default $JAX_LOCAL_DEVICE_IDS, else all).")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache_dir", None,
+    "Persistent XLA compilation cache: the same command again (a resumed run, --mode eval) loads "
+    "its compiled steps, on a GPU with their autotuned kernels, instead of compiling them again. "
+    "Default $JAX_COMPILATION_CACHE_DIR, else <workdir>/compilation_cache; '' turns it off.")
 config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()).",
                                 lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
@@ -100,13 +106,21 @@ def main(argv):
   logging.info("JAX process %d/%d, local devices: %s; logging to %s", jax.process_index(),
                jax.process_count(), jax.local_devices(), log_path)
 
-  from iterfuse_jax import checkpoints, train  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from iterfuse_jax import checkpoints, compilation_cache, train
+  # pylint: enable=g-import-not-at-top
 
+  cache = compilation_cache.cache_dir(workdir, _COMPILATION_CACHE.value)
+  compilation_cache.enable(cache)  # before the first compilation
   try:
-    if _MODE.value == "train":
-      train.train_and_evaluate(FLAGS.config, workdir)
-    else:
-      train.evaluate_checkpoint(FLAGS.config, workdir, which=_CHECKPOINT.value)
+    with compilation_cache.CacheUse() as cache_use:
+      try:
+        if _MODE.value == "train":
+          train.train_and_evaluate(FLAGS.config, workdir)
+        else:
+          train.evaluate_checkpoint(FLAGS.config, workdir, which=_CHECKPOINT.value)
+      finally:
+        logging.info("%s", cache_use.summary(cache))
   except (FileNotFoundError, train.NonFiniteLossError, train.WorkdirError,
           checkpoints.CheckpointError) as e:
     # What the user must act on (missing data or checkpoint, a diverged run, damaged
