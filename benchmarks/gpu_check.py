@@ -24,9 +24,11 @@ recorded as such and the others go on:
             the CPU meanwhile) over the step time, as a fraction of the GPU's dense peak for the
             row's arithmetic; the projected wall time of the paper's full runs; the issue's
             targets, printed (not asserted). The first JAX row is also profiled (top operations).
-            The "determinism" group runs one row twice in fresh processes that each compile and
-            autotune for themselves, with XLA's defaults and with config.deterministic: whether
-            reruns (and resumed runs) end with the same bits, and the speed that costs.
+            The "determinism" group runs one row twice in fresh processes: with XLA's defaults,
+            each compiling and autotuning for itself; with XLA's defaults, the second loading the
+            first's executables from a cache of their own (launch.py's resumption); with
+            config.deterministic, each compiling for itself: whether reruns and resumed runs
+            end with the same bits, and the speed config.deterministic costs.
   pipeline  benchmarks.input_pipeline images/s at the paper's sizes with the machine's cores.
   train     the README's first command as a user runs it, `launch.py --config configs/demo.py`
             (synthetic data, tfds + grain, training, checkpoints, evaluations, TensorBoard
@@ -60,6 +62,7 @@ from benchmarks.train_step import Setting
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The environment variables of JAX's persistent compilation cache (prefixes).
 CACHE_VARIABLES = ("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE")
+SHARED_CACHE, NO_CACHE = "shared", "none"
 PHASES = ("env", "tests", "bench", "pipeline", "train")
 GROUPS = ("nyud", "fullres", "pascal", "fp32", "determinism")
 # Dense (no sparsity) peak TFLOP/s of the data sheets, per arithmetic: NVIDIA H100 SXM5 and H200
@@ -105,8 +108,10 @@ class Row:
   setting: Setting
   cap_s: float  # the row's process is killed after this long
   min_s: float  # not started with less time left than this
-  # False: the row compiles (and autotunes) for itself, without the persistent compilation cache.
-  cached: bool = True
+  # The persistent compilation cache the row's process uses: SHARED_CACHE (the one the JAX rows
+  # are precompiled into), NO_CACHE (it compiles and autotunes for itself), or any other name: a
+  # cache of the visit's rows of that name, empty at the first (a killed run and its resumption).
+  cache: str = "shared"
 
 
 def _shape(dataset: str, tiny: bool) -> dict:
@@ -123,9 +128,9 @@ def plan(tiny: bool, profile_dir: str, torch_device: str = "auto") -> list[Row]:
   """The rows of a visit, most important first. bfloat16 rows run the f32 rest in TF32."""
   rows = []
 
-  def add(group, label, cap_s, min_s, cached=True, **kwargs):
+  def add(group, label, cap_s, min_s, cache=SHARED_CACHE, **kwargs):
     rows.append(Row(group, label, Setting(variant="C", torch_device=torch_device, **kwargs),
-                    cap_s, min_s, cached))
+                    cap_s, min_s, cache))
 
   jax_cap, eager_cap, compile_cap = (240, 120, 300) if tiny else (150, 120, 270)
   nyud, pascal = _shape("nyud", tiny), _shape("pascal", tiny)
@@ -175,13 +180,18 @@ def plan(tiny: bool, profile_dir: str, torch_device: str = "auto") -> list[Row]:
       precision="fp32", **nyud)
   add("fp32", "PT eager f32 IEEE", eager_cap, 30, framework="torch", impl="materialized",
       dtype="float32", precision="fp32", **nyud)
-  # Reruns at the NYUD shape: the same row twice, each process compiling and autotuning for
-  # itself as a resumed run does (no compilation cache), with XLA's defaults and with
-  # config.deterministic; equal state digests = bit-for-bit reruns. Also the speed it costs.
+  # Reruns at the NYUD shape: the same row twice, equal state digests = bit-for-bit reruns.
+  # With XLA's defaults, each process compiling and autotuning for itself (no compilation cache:
+  # a rerun elsewhere, or a resumed run without launch.py's cache); with XLA's defaults, the
+  # second process loading the first's executables from a cache of their own (a run resumed by
+  # launch.py, which keeps its compilation cache in the workdir); with config.deterministic,
+  # each compiling for itself, and the speed that costs.
   rerun = {**nyud, "steps": 1 if tiny else 5, "warmup": 0 if tiny else 1}
-  for label, deterministic in (("JAX bf16", False), ("JAX bf16 deterministic", True)):
+  for label, deterministic, cache in (("JAX bf16", False, NO_CACHE),
+                                      ("JAX bf16 cache", False, "rerun"),
+                                      ("JAX bf16 deterministic", True, NO_CACHE)):
     for run in (1, 2):
-      add("determinism", f"{label} run {run}", jax_cap, 60, cached=False, framework="jax",
+      add("determinism", f"{label} run {run}", jax_cap, 60, cache=cache, framework="jax",
           impl="materialized", dtype="bfloat16", precision="tf32", deterministic=deterministic,
           **rerun)
   return rows
@@ -470,7 +480,7 @@ def start_flops_count(rows: Sequence[Row], timeout_s: float, pool) -> concurrent
 def precompile(rows: Sequence[Row], env: dict[str, str], deadline_s: float, workers: int,
                log: pathlib.Path) -> dict[str, dict]:
   """Compiles the JAX rows in parallel into the persistent cache; {label: result or error}."""
-  jax_rows = [r for r in rows if r.setting.framework == "jax" and r.cached]
+  jax_rows = [r for r in rows if r.setting.framework == "jax" and r.cache == SHARED_CACHE]
   results = {}
   if not jax_rows or workers < 1:
     return results
@@ -499,13 +509,24 @@ def _key(row: Row) -> str:
 
 def run_rows(rows: Sequence[Row], clock: Clock, env: dict[str, str], log: pathlib.Path,
              reserve_s: float, allow_torch_compile: bool) -> list[dict]:
-  """Runs the rows one at a time; `env` holds the persistent compilation cache's settings, which
-  uncached rows run without."""
+  """Runs the rows one at a time; `env` holds the shared persistent compilation cache's settings,
+  which rows of another cache run without."""
   uncached_env = {k: v for k, v in env.items() if not k.startswith(CACHE_VARIABLES)}
+  own_caches = {}  # name: folder
   results = []
   for row in rows:
     left = clock.left() - reserve_s
-    base = {"group": row.group, "label": row.label, **dataclasses.asdict(row.setting)}
+    base = {"group": row.group, "label": row.label, "cache": row.cache,
+            **dataclasses.asdict(row.setting)}
+    if row.cache == SHARED_CACHE:
+      row_env = env
+    elif row.cache == NO_CACHE:
+      row_env = uncached_env
+    else:
+      if row.cache not in own_caches:
+        own_caches[row.cache] = tempfile.mkdtemp(prefix=f"iterfuse_jax_cache_{row.cache}_")
+      row_env = dict(uncached_env, JAX_COMPILATION_CACHE_DIR=own_caches[row.cache],
+                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     if row.setting.torch_mode == "compile" and not allow_torch_compile:
       results.append({**base, "skipped": "torch.compile rows are not run on a CPU dry run"})
     elif left < row.min_s:
@@ -514,8 +535,8 @@ def run_rows(rows: Sequence[Row], clock: Clock, env: dict[str, str], log: pathli
       print(f"[{clock.elapsed():5.0f} s] {_key(row)} ...", flush=True)
       result = train_step._measure_in_subprocess(  # pylint: disable=protected-access
           row.setting, timeout_s=min(row.cap_s, left), log_path=str(log),
-          env=env if row.cached else uncached_env)
-      results.append({**result, "group": row.group, "label": row.label})
+          env=row_env)
+      results.append({**result, "group": row.group, "label": row.label, "cache": row.cache})
       print(f"[{clock.elapsed():5.0f} s]   " + (result.get("error") or
             f"{result['images_per_s']:.2f} images/s"), flush=True)
   return results
@@ -524,12 +545,15 @@ def run_rows(rows: Sequence[Row], clock: Clock, env: dict[str, str], log: pathli
 def rerun_verdict(results: list[dict]) -> str:
   """Whether two fresh processes of one row ended with the same bits, per setting; the speed
   config.deterministic costs."""
-  lines = ["reruns (determinism group: fresh processes, each autotuning for itself as a resumed "
-           "run does, no compilation cache):"]
+  lines = ["reruns (determinism group: the same row in two fresh processes):"]
   speed = {}
-  for deterministic, name in ((False, "XLA defaults"), (True, "config.deterministic")):
+  settings = (("XLA defaults, each process compiling and autotuning for itself", False, NO_CACHE),
+              ("XLA defaults, the second process loading the first's executables (a run "
+               "resumed by launch.py)", False, "rerun"),
+              ("config.deterministic, each process compiling for itself", True, NO_CACHE))
+  for name, deterministic, cache in settings:
     runs = [r for r in results if r.get("group") == "determinism"
-            and r.get("deterministic") == deterministic]
+            and r.get("deterministic") == deterministic and r.get("cache") == cache]
     done = [r for r in runs if "state_sha256" in r]
     if len(done) < 2:
       why = "; ".join(r.get("error") or r.get("skipped", "") for r in runs if r not in done)
@@ -541,7 +565,12 @@ def rerun_verdict(results: list[dict]) -> str:
     lines.append(f"  {name}: parameters and BatchNorm statistics after {steps} steps "
                  + ("bit-identical in both runs" if same else "DIFFER between the runs")
                  + f" (losses {losses})")
-    speed[deterministic] = max(r["images_per_s"] for r in done)
+    if cache == NO_CACHE:
+      speed[deterministic] = max(r["images_per_s"] for r in done)
+    else:
+      if all("compile_s" in r for r in done):
+        lines.append(f"    the step's lower+compile: {done[0]['compile_s']:.1f} s in the first "
+                     f"run, {done[1]['compile_s']:.1f} s in the second (loading it)")
   if len(speed) == 2:
     lines.append(f"  config.deterministic runs at {speed[True] / speed[False]:.2f}x the defaults' "
                  f"images/s ({speed[True]:.2f} vs {speed[False]:.2f})")

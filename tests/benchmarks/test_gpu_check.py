@@ -6,6 +6,7 @@ here first at tiny shapes, through the same shell script, so that it cannot rot.
 
 import dataclasses
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -50,16 +51,18 @@ def test_plan_puts_the_nyud_comparison_first_at_the_paper_shapes():
   assert ifb_f32.group == "nyud" and ifb_f32.setting.dtype == "bfloat16"
   assert dataclasses.replace(ifb_f32.setting, ifb_products="model") == dataclasses.replace(
       first.setting, profile_dir="")
-  # Reruns: two identical uncached rows per setting, XLA's defaults and config.deterministic.
+  # Reruns: two identical rows per setting: XLA's defaults without a cache and with a cache of
+  # their own, config.deterministic without a cache.
   reruns = [r for r in rows if r.group == "determinism"]
-  assert len(reruns) == 4 and not any(r.cached for r in reruns)
-  assert all(r.cached for r in rows if r.group != "determinism")
+  assert all(r.cache == gpu_check.SHARED_CACHE for r in rows if r.group != "determinism")
   by_setting = {}
   for r in reruns:
-    by_setting.setdefault(r.setting, []).append(r.label)
-  assert sorted(s.deterministic for s in by_setting) == [False, True]
+    by_setting.setdefault((r.setting, r.cache), []).append(r.label)
+  assert sorted((s.deterministic, cache) for s, cache in by_setting) == [
+      (False, gpu_check.NO_CACHE), (False, "rerun"), (True, gpu_check.NO_CACHE)]
   assert all(len(labels) == 2 for labels in by_setting.values())
-  assert {(s.height, s.width, s.batch, s.dtype) for s in by_setting} == {(480, 640, 8, "bfloat16")}
+  assert {(s.height, s.width, s.batch, s.dtype) for s, _ in by_setting} == {
+      (480, 640, 8, "bfloat16")}
 
 
 def _row(label, framework, images_per_s, dtype="bfloat16", mode="eager", group="nyud", **kw):
@@ -115,43 +118,72 @@ def test_full_resolution_verdict():
 
 
 def test_rerun_verdict():
-  def run(label, deterministic, digest, images_per_s, loss=1.5):
+  def run(label, deterministic, digest, images_per_s, loss=1.5, cache=gpu_check.NO_CACHE,
+          compile_s=30.0):
     row = _row(label, "jax", images_per_s, group="determinism", deterministic=deterministic)
+    row["cache"] = cache
     if digest:
-      row.update(state_sha256=digest, loss=loss)
+      row.update(state_sha256=digest, loss=loss, compile_s=compile_s)
     return row
 
   rows = [run("d1", False, "aa", 50.0), run("d2", False, "ab", 52.0, loss=1.50001),
+          run("c1", False, "ee", 51.0, cache="rerun", compile_s=61.0),
+          run("c2", False, "ee", 51.5, cache="rerun", compile_s=2.5),
           run("x1", True, "cc", 40.0), run("x2", True, "cc", 39.0)]
   text = gpu_check.rerun_verdict(rows)
-  assert "XLA defaults: parameters and BatchNorm statistics after 13 steps DIFFER" in text
-  assert "config.deterministic: parameters and BatchNorm statistics after 13 steps " \
-      "bit-identical in both runs" in text
+  assert ("XLA defaults, each process compiling and autotuning for itself: parameters and "
+          "BatchNorm statistics after 13 steps DIFFER") in text
+  assert ("the second process loading the first's executables (a run resumed by launch.py): "
+          "parameters and BatchNorm statistics after 13 steps bit-identical in both runs") in text
+  assert "lower+compile: 61.0 s in the first run, 2.5 s in the second (loading it)" in text
+  assert ("config.deterministic, each process compiling for itself: parameters and BatchNorm "
+          "statistics after 13 steps bit-identical in both runs") in text
+  # The speed comparison is between the rows that compiled for themselves.
   assert "config.deterministic runs at 0.77x the defaults' images/s (40.00 vs 52.00)" in text
   failed = {**run("x2", True, None, None), "error": "timed out after 150 s (killed)"}
-  text = gpu_check.rerun_verdict(rows[:3] + [failed])
-  assert "config.deterministic: not measured (1 of 2 runs: timed out after 150 s" in text
+  text = gpu_check.rerun_verdict(rows[:5] + [failed])
+  assert "config.deterministic, each process compiling for itself: not measured (1 of 2 runs: " \
+      "timed out after 150 s" in text
   assert "runs at" not in text
+  skipped = {**run("c2", False, None, None, cache="rerun"), "skipped": "out of time budget"}
+  text = gpu_check.rerun_verdict(rows[:3] + [skipped])
+  assert "(a run resumed by launch.py): not measured (1 of 2 runs: out of time budget)" in text
 
 
-def test_uncached_rows_run_without_the_compilation_cache(monkeypatch, tmp_path):
-  seen = {}
+def test_each_row_gets_the_compilation_cache_it_asks_for(monkeypatch, tmp_path):
+  """Shared rows: the visit's cache; uncached rows: none at all; the rows of a cache of their own:
+  one folder, empty at the first of them."""
+  seen = []
 
   def fake_measure(setting, timeout_s=None, log_path="", compile_only=False, env=None):
-    seen[setting.deterministic] = env
+    cache = env.get("JAX_COMPILATION_CACHE_DIR")
+    entries = sorted(os.listdir(cache)) if cache and cache != "/c" else None
+    seen.append((env, entries))
+    if entries is not None:
+      pathlib.Path(cache, "entry").write_text("")  # what the first process writes
     return {**setting.__dict__, "images_per_s": 1.0}
 
   monkeypatch.setattr(gpu_check.train_step, "_measure_in_subprocess", fake_measure)
-  rows = [r for r in gpu_check.plan(tiny=True, profile_dir="")
-          if r.label.endswith("run 1")]
+  planned = gpu_check.plan(tiny=True, profile_dir="")
+  rows = [r for r in planned if r.group == "determinism"] + planned[:1]
   env = gpu_check.child_env(JAX_COMPILATION_CACHE_DIR="/c",
                             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", OTHER="1")
-  gpu_check.run_rows(rows, gpu_check.Clock(600), env, tmp_path / "log", 0, True)
-  assert set(seen) == {False, True}
-  for row_env in seen.values():
-    assert row_env["OTHER"] == "1" and not any(k.startswith(("JAX_COMPILATION_CACHE",
-                                                            "JAX_PERSISTENT_CACHE"))
-                                               for k in row_env)
+  results = gpu_check.run_rows(rows, gpu_check.Clock(600), env, tmp_path / "log", 0, True)
+  assert [r["cache"] for r in results] == [r.cache for r in rows]
+  assert all(row_env["OTHER"] == "1" for row_env, _ in seen)
+  for row, (row_env, entries) in zip(rows, seen):
+    cache_variables = {k: v for k, v in row_env.items()
+                       if k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
+    if row.cache == gpu_check.NO_CACHE:
+      assert not cache_variables, row.label
+    elif row.cache == gpu_check.SHARED_CACHE:
+      assert cache_variables["JAX_COMPILATION_CACHE_DIR"] == "/c", row.label
+    else:
+      assert cache_variables["JAX_COMPILATION_CACHE_DIR"] != "/c", row.label
+  own = [(row_env["JAX_COMPILATION_CACHE_DIR"], entries) for row, (row_env, entries)
+         in zip(rows, seen) if row.cache == "rerun"]
+  assert len(own) == 2 and own[0][0] == own[1][0]
+  assert [entries for _, entries in own] == [[], ["entry"]]
 
 
 def test_profile_summary_reads_a_real_trace(tmp_path):
