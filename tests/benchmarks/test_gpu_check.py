@@ -276,9 +276,10 @@ def test_gpu_check_dry_run_through_the_shell_script(tmp_path):
   # Each rerun compiled for itself (not ahead, not from the cache), and on a CPU they agree.
   assert all("precompile_s" not in r and r["compile_s"] > 0 for r in reruns), reruns
   assert reruns[0]["state_sha256"] == reruns[1]["state_sha256"]
-  assert ("config.deterministic: parameters and BatchNorm statistics after 2 steps bit-identical"
-          in summary)
-  assert "XLA defaults: not measured (0 of 2 runs)" in summary
+  assert ("config.deterministic, each process compiling for itself: parameters and BatchNorm "
+          "statistics after 2 steps bit-identical" in summary)
+  assert "XLA defaults, each process compiling and autotuning for itself: not measured (0 of 2 " \
+      "runs)" in summary
   for label in ("JAX bf16", "PT eager f32 TF32"):
     assert rows[label]["images_per_s"] > 0 and rows[label]["model_tflops"] > 0, rows[label]
     assert rows[label]["projected_full_run_min"] > 0
