@@ -575,67 +575,69 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  + (" (best so far)" if best and len(record) > 1 else ""))
     logging.info("Eval at step %d: %s", step, results)
 
-  if start_step in eval_steps:  # killed between the save and the evaluation of this step
-    run_eval(start_step)
-  train_metrics = []
-  last_log_time, last_log_step = time.time(), start_step
-  with console.progress(total=total_steps, initial=start_step, desc="train") as bar:
-    for step in range(start_step + 1, total_steps + 1):
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        batch = shard_batch(next(train_iter), data_sharding)
-        state, step_metrics = jitted_train(state, batch)
-      train_metrics.append(step_metrics)
-      for hook in hooks:
-        hook(step)
+  try:
+    if start_step in eval_steps:  # killed between the save and the evaluation of this step
+      run_eval(start_step)
+    train_metrics = []
+    last_log_time, last_log_step = time.time(), start_step
+    with console.progress(total=total_steps, initial=start_step, desc="train") as bar:
+      for step in range(start_step + 1, total_steps + 1):
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+          batch = shard_batch(next(train_iter), data_sharding)
+          state, step_metrics = jitted_train(state, batch)
+        train_metrics.append(step_metrics)
+        for hook in hooks:
+          hook(step)
 
-      log_now = step == total_steps or step % config.log_every_steps == 0
-      save_now = step == total_steps or step % ckpt_every == 0
-      eval_now = step in eval_steps
-      if log_now or save_now or eval_now:
-        # Nothing is logged, saved or evaluated from a state past a non-finite step.
-        _check_finite(state, last_saved, workdir)
-      if log_now:
-        summary = {k: float(np.mean([m[k] for m in jax.device_get(train_metrics)]))
-                   for k in train_metrics[0]}
-        elapsed = time.time() - last_log_time
-        summary["images_per_second"] = (step - last_log_step) * config.batch_size / elapsed
-        writer.write_scalars(step, summary)
-        bar.set_postfix({"loss": f"{summary['loss/total']:.3f}",
-                         "img/s": f"{summary['images_per_second']:.1f}"}, refresh=False)
-        train_metrics = []
-        last_log_time, last_log_step = time.time(), step
-      bar.update(1)
+        log_now = step == total_steps or step % config.log_every_steps == 0
+        save_now = step == total_steps or step % ckpt_every == 0
+        eval_now = step in eval_steps
+        if log_now or save_now or eval_now:
+          # Nothing is logged, saved or evaluated from a state past a non-finite step.
+          _check_finite(state, last_saved, workdir)
+        if log_now:
+          summary = {k: float(np.mean([m[k] for m in jax.device_get(train_metrics)]))
+                     for k in train_metrics[0]}
+          elapsed = time.time() - last_log_time
+          summary["images_per_second"] = (step - last_log_step) * config.batch_size / elapsed
+          writer.write_scalars(step, summary)
+          bar.set_postfix({"loss": f"{summary['loss/total']:.3f}",
+                           "img/s": f"{summary['images_per_second']:.1f}"}, refresh=False)
+          train_metrics = []
+          last_log_time, last_log_step = time.time(), step
+        bar.update(1)
 
-      if save_now:
-        checkpoints.save(step, state, train_iter)
-        last_saved = step
-      if eval_now:
-        run_eval(step)
-      writer.flush()
-  for hook in hooks:
-    if isinstance(hook, summaries.ProfileSteps):
-      hook.close()  # a trace the run's end cut short
+        if save_now:
+          checkpoints.save(step, state, train_iter)
+          last_saved = step
+        if eval_now:
+          run_eval(step)
+        writer.flush()
+    for hook in hooks:
+      if isinstance(hook, summaries.ProfileSteps):
+        hook.close()  # a trace the run's end cut short
 
-  # Edge odsF is scored offline (slow) on the saved predictions of the reported states: the last
-  # and, when it differs, the best one (whose weights best/ holds).
-  for step, which in ((total_steps, "last"), (record.best_step(), "best")):
-    if boundary_eval.TASK not in tasks or BOUNDARY_KEY in record[step]:
-      continue
-    step_state = state
-    if step != total_steps:
-      step_state, best_saved = checkpoints.restore_state(state, "best")
-      if best_saved != step:
-        logging.warning("No edge odsF for the best evaluation (step %d): best/ holds step %d",
-                        step, best_saved)
+    # Edge odsF is scored offline (slow) on the saved predictions of the reported states: the last
+    # and, when it differs, the best one (whose weights best/ holds).
+    for step, which in ((total_steps, "last"), (record.best_step(), "best")):
+      if boundary_eval.TASK not in tasks or BOUNDARY_KEY in record[step]:
         continue
-    console.line(f"Boundary evaluation of the {which} state (step {step}) ...")
-    boundary = boundary_metrics(config, workdir, step_state, jitted_predict, data_sharding)
-    if boundary:
-      record.add(step, add_delta_m({**record[step], **boundary}, config, tasks))
-    if main:
-      record.write()
-  writer.flush()
-  checkpoints.close()
+      step_state = state
+      if step != total_steps:
+        step_state, best_saved = checkpoints.restore_state(state, "best")
+        if best_saved != step:
+          logging.warning("No edge odsF for the best evaluation (step %d): best/ holds step %d",
+                          step, best_saved)
+          continue
+      console.line(f"Boundary evaluation of the {which} state (step {step}) ...")
+      boundary = boundary_metrics(config, workdir, step_state, jitted_predict, data_sharding)
+      if boundary:
+        record.add(step, add_delta_m({**record[step], **boundary}, config, tasks))
+      if main:
+        record.write()
+    writer.flush()
+  finally:
+    checkpoints.close()  # waits for a save still being written (a stopped run keeps it)
   return _finish(record, total_steps, title, workdir)
 
 

@@ -186,9 +186,19 @@ def test_killed_run_resumes_mid_epoch_exactly(finished_run, tmp_path, data_dir, 
     return real_shard(batch, sharding)
 
   monkeypatch.setattr(train, "shard_batch", dies_at_step_5)
+  closed = []
+  real_close = checkpoints.RunCheckpoints.close
+
+  def close(self):
+    closed.append(True)
+    real_close(self)
+
+  monkeypatch.setattr(checkpoints.RunCheckpoints, "close", close)
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(config, str(tmp_path))
   monkeypatch.setattr(train, "shard_batch", real_shard)
+  # Saves are written in the background: the stopped run waited for its last one.
+  assert closed == [True]
   # Step 3 ends the first batch of the second epoch (2 steps per epoch).
   assert checkpoints.committed_steps(tmp_path / "checkpoints") == [3]
 
