@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from benchmarks import boundary_eval, ifb_memory, ifb_precision
+from benchmarks import boundary_eval, checkpoint_save, ifb_memory, ifb_precision
 
 
 def test_ifb_memory_benchmark_smoke(tmp_path, capsys):
@@ -62,3 +62,19 @@ def test_ifb_precision_benchmark_rejects_a_bad_grid(capsys):
   with pytest.raises(SystemExit):
     ifb_precision.main(["--grid", "8by8"])
   assert "--grid must be HxW" in capsys.readouterr().err
+
+
+def test_checkpoint_save_benchmark_smoke(capsys):
+  assert checkpoint_save.main(["--config", "configs/demo.py", "--set", "model.task_channels=8",
+                               "--set", "model.tpim.n_iter=2", "--saves", "2"]) == 0
+  out = capsys.readouterr().out
+  lines = out.splitlines()
+  assert lines[0].startswith("configs/demo.py: ") and "MiB" in lines[0], out
+  held, total = (float(x) for x in lines[3].split()[1:3])
+  assert 0 < held <= total, out
+  assert lines[-1].startswith("median: the loop is held ") and "committed steps [1, 2]" in out
+
+
+def test_checkpoint_save_benchmark_rejects_a_bad_override():
+  with pytest.raises(ValueError, match="expected KEY=VALUE"):
+    checkpoint_save.main(["--config", "configs/demo.py", "--set", "model.task_channels"])
