@@ -111,7 +111,7 @@ class Row:
   # The persistent compilation cache the row's process uses: SHARED_CACHE (the one the JAX rows
   # are precompiled into), NO_CACHE (it compiles and autotunes for itself), or any other name: a
   # cache of the visit's rows of that name, empty at the first (a killed run and its resumption).
-  cache: str = "shared"
+  cache: str = SHARED_CACHE
 
 
 def _shape(dataset: str, tiny: bool) -> dict:
