@@ -35,7 +35,9 @@ import threading
 import time
 from collections.abc import Sequence
 
-IMPLEMENTATIONS = ("materialized", "streamed")
+# "materialized-autodiff": the materialized IFB with JAX's derivative of its loop
+# (model.tpim.ifb_gradient="autodiff"), the before of the stacked backward.
+IMPLEMENTATIONS = ("materialized", "materialized-autodiff", "streamed")
 PARTS = ("cib", "ifb")
 MiB = 2 ** 20
 
@@ -94,6 +96,7 @@ def _build_step(part: str, impl: str, grid: tuple[int, int], channels: int, n_it
 
   h, w = grid
   keys = jax.random.split(jax.random.key(0), 4)
+  gradient = "autodiff" if impl == "materialized-autodiff" else "stacked"
   if part == "ifb":
     m = h * w
     q, k, v = (jax.random.normal(key, (batch, m, channels), jnp.float32) for key in keys[:3])
@@ -103,13 +106,15 @@ def _build_step(part: str, impl: str, grid: tuple[int, int], channels: int, n_it
       if impl == "streamed":
         out = streamed_iterative_fusion(q, k, v, alpha, n_iter, "C")
       else:
-        out = iterative_fusion(cross_task.affinity_matrix(q, k), v, alpha, n_iter, "C")
+        out = iterative_fusion(cross_task.affinity_matrix(q, k), v, alpha, n_iter, "C",
+                               gradient=gradient)
       return jnp.sum(out * jnp.cos(out))
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))), (q, k, v, alpha)
 
   block = cross_task.CrossTaskInteractionBlock(channels=channels, scale=scale, variant="C",
-                                               n_iter=n_iter, ifb_impl=impl)
+                                               n_iter=n_iter, ifb_gradient=gradient,
+                                               ifb_impl=impl.split("-")[0])
   shape = (batch, h * scale, w * scale, channels)
   f_s = jax.random.normal(keys[0], shape, jnp.float32)
   f_t = jax.random.normal(keys[1], shape, jnp.float32)
@@ -183,13 +188,13 @@ def _measure_in_subprocess(settings: dict) -> dict:
 
 
 def _format_row(r: dict) -> str:
-  return (f"{r['part']:4s} {r['impl']:13s} {r['grid'][0]:>3d}x{r['grid'][1]:<3d} {r['m']:>6d} "
+  return (f"{r['part']:4s} {r['impl']:21s} {r['grid'][0]:>3d}x{r['grid'][1]:<3d} {r['m']:>6d} "
           f"{r['temp_bytes'] / MiB:>10.1f} {r['argument_bytes'] / MiB:>9.1f} "
           f"{r['output_bytes'] / MiB:>9.1f} {r['xla_total_bytes'] / MiB:>10.1f} "
           f"{r['measured_bytes'] / MiB:>12.1f} {r['compile_s']:>9.1f} {r['step_s']:>9.3f}")
 
 
-HEADER = (f"{'part':4s} {'impl':13s} {'grid':7s} {'M':>6s} {'temp MiB':>10s} {'args MiB':>9s} "
+HEADER = (f"{'part':4s} {'impl':21s} {'grid':7s} {'M':>6s} {'temp MiB':>10s} {'args MiB':>9s} "
           f"{'out MiB':>9s} {'XLA total':>10s} {'measured MiB':>12s} {'compile s':>9s} "
           f"{'step s':>9s}")
 

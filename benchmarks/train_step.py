@@ -121,6 +121,7 @@ class Setting:
   profile_dir: str = ""  # JAX: trace PROFILE_STEPS more steps into this folder and summarise them
   deterministic: bool = False  # JAX: config.deterministic (XLA's deterministic GPU kernels)
   ifb_products: str = "model"  # JAX: model.tpim.ifb_products ("model" | "float32")
+  ifb_gradient: str = "stacked"  # JAX: model.tpim.ifb_gradient ("stacked" | "autodiff")
 
 
 def benchmark_config(setting: Setting):
@@ -142,6 +143,7 @@ def benchmark_config(setting: Setting):
   if setting.framework == "jax":
     config.model.tpim.ifb_impl = setting.impl
     config.model.tpim.ifb_products = setting.ifb_products
+    config.model.tpim.ifb_gradient = setting.ifb_gradient
   return config
 
 
@@ -548,6 +550,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--ifb-products", choices=("model", "float32"), default="model",
                       help="JAX rows: model.tpim.ifb_products, the materialized IFB's product "
                       "operands (PyTorch autocast: the model's dtype)")
+  parser.add_argument("--ifb-gradient", choices=("stacked", "autodiff"), default="stacked",
+                      help="JAX rows: model.tpim.ifb_gradient, the materialized IFB's backward "
+                      "(stacked: dCo as one product; autodiff: JAX's derivative of the loop)")
   parser.add_argument("--_child", default="", help=argparse.SUPPRESS)
   parser.add_argument("--_compile_only", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -594,7 +599,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       for impl in args.ifb_impl:
         block.append(run(Setting(framework="jax", impl=impl, deterministic=args.deterministic,
                                  ifb_products=(args.ifb_products if impl == "materialized"
-                                               else "model"), **common)))
+                                               else "model"),
+                                 ifb_gradient=args.ifb_gradient, **common)))
     if args.torch:
       for mode in args.torch_mode:
         for impl in args.ifb_impl:

@@ -43,6 +43,9 @@ def get_model_config() -> ml_collections.ConfigDict:
           # bfloat16 under dtype="bfloat16", as PyTorch autocast) or "float32"; both accumulate
           # in float32.
           "ifb_products": "model",
+          # The materialized IFB's backward: "stacked" (dCo as one product over all
+          # iterations) or "autodiff" (JAX's derivative of the loop; the same values, slower).
+          "ifb_gradient": "stacked",
       },
   })
 

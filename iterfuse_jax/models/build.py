@@ -10,7 +10,7 @@ The config needs `dataset.name`, `dataset.tasks` and a `model` block:
   model.initial_blocks  residual blocks per initial task module
   model.dtype           "float32" or "bfloat16" (activations; parameters stay float32)
   model.tpim            use_ifb, variant, n_iter, alpha_init, scale, qk_channels (0 = C // 2),
-                        ifb_impl, ifb_products
+                        ifb_impl, ifb_products, ifb_gradient
   model.init            "pytorch" | "flax": initialisation outside the backbone (applied by
                         train.create_train_state, see models/initialization.py)
   model.densemtl.scale  optional (default 2): down-scaling of DenseMTL's correlation attention
@@ -62,7 +62,8 @@ def tpim_from_config(tasks: tuple[str, ...], model_config: ml_collections.Config
       scale=tpim.scale, use_ifb=tpim.use_ifb, variant=tpim.variant, n_iter=tpim.n_iter,
       alpha_init=tpim.alpha_init, ifb_impl=tpim.ifb_impl,
       # A run's config.json from before the option: its IFB products were float32.
-      ifb_products=tpim.get("ifb_products", "float32"), dtype=dtype)
+      ifb_products=tpim.get("ifb_products", "float32"),
+      ifb_gradient=tpim.get("ifb_gradient", "stacked"), dtype=dtype)
 
 
 def _iterfuse(config: ml_collections.ConfigDict, tasks, num_outputs, dtype) -> nn.Module:

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from iterfuse_jax.models.iterative_fusion import check_ifb_args, iterative_fusion
+from iterfuse_jax.models.iterative_fusion import IFB_GRADIENTS, check_ifb_args, iterative_fusion
 from iterfuse_jax.models.layers import ConvBNReLU, Dtype, resize_bilinear
 from iterfuse_jax.precision import accumulation_dtype
 
@@ -66,6 +66,9 @@ class CrossTaskInteractionBlock(nn.Module):
     ifb_impl: "materialized" (builds Co once per forward) or "streamed" (never builds Co).
     ifb_products: the materialized IFB's product operands (IFB_PRODUCTS): "model" (`dtype`) or
       "float32". The streamed IFB chooses its own (streamed_fusion.py) and takes "model" only.
+    ifb_gradient: the materialized IFB's backward (IFB_GRADIENTS): "stacked" (dCo as one
+      product over all iterations) or "autodiff" (JAX's derivative of the loop; slower, kept
+      as the reference and for before/after measurements). The streamed IFB has its own.
     dtype: computation dtype; the softmax and IFB accumulate in at least float32.
 
   Inputs f_s, f_t: [B, H, W, C] -> [B, H, W, C]. With the "intermediates" collection mutable, the
@@ -82,6 +85,7 @@ class CrossTaskInteractionBlock(nn.Module):
   alpha_init: float = 0.3
   ifb_impl: str = "materialized"
   ifb_products: str = "model"
+  ifb_gradient: str = "stacked"
   dtype: Dtype = jnp.float32
 
   def _check(self, f_s: jax.Array, f_t: jax.Array) -> None:
@@ -97,6 +101,9 @@ class CrossTaskInteractionBlock(nn.Module):
           f"ifb_products={self.ifb_products!r} applies to the materialized IFB; the streamed IFB "
           "computes its products in its own precision (cuDNN: the model's dtype; blockwise: "
           "float32): leave model.tpim.ifb_products at 'model'")
+    if self.ifb_gradient not in IFB_GRADIENTS:
+      raise ValueError(f"unknown ifb_gradient {self.ifb_gradient!r}; expected one of "
+                       f"{list(IFB_GRADIENTS)}")
     if not isinstance(self.scale, int) or self.scale < 1:
       raise ValueError(f"scale must be a positive int, got {self.scale!r}")
     for name, f in (("f_s", f_s), ("f_t", f_t)):
@@ -142,7 +149,8 @@ class CrossTaskInteractionBlock(nn.Module):
       co = affinity_matrix(q, k)
       self.sow("intermediates", "affinity", co)
       products = self.dtype if self.ifb_products == "model" else jnp.float32
-      fused = iterative_fusion(co, v, alpha, n_iter, variant, product_dtype=products)
+      fused = iterative_fusion(co, v, alpha, n_iter, variant, product_dtype=products,
+                               gradient=self.ifb_gradient)
 
     fused = resize_bilinear(fused.reshape(b, h, w, c).astype(self_features.dtype),
                             f_t.shape[1:3])
@@ -166,6 +174,7 @@ class TaskPairInteractionModule(nn.Module):
   alpha_init: float = 0.3
   ifb_impl: str = "materialized"
   ifb_products: str = "model"
+  ifb_gradient: str = "stacked"
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -183,7 +192,7 @@ class TaskPairInteractionModule(nn.Module):
             channels=self.channels, qk_channels=self.qk_channels, scale=self.scale,
             use_ifb=self.use_ifb, variant=self.variant, n_iter=self.n_iter,
             alpha_init=self.alpha_init, ifb_impl=self.ifb_impl,
-            ifb_products=self.ifb_products, dtype=self.dtype,
+            ifb_products=self.ifb_products, ifb_gradient=self.ifb_gradient, dtype=self.dtype,
             name=f"cib_{source}_to_{target}")
         total = total + block(features[source], features[target], train)
       out[target] = total

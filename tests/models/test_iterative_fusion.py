@@ -1,4 +1,4 @@
-"""The IFB against its closed forms, under jit and grad, and its memory behaviour."""
+"""The IFB against its closed forms, under jit and grad (both backward passes), and its memory."""
 
 import collections
 
@@ -34,6 +34,7 @@ def _closed_form(co, v, alpha, n, variant):
 
 
 _jitted = jax.jit(iterative_fusion, static_argnames=("n_iter", "variant"))
+GRADIENTS = ("stacked", "autodiff")
 
 
 @pytest.mark.parametrize("variant", ["A", "B", "C"])
@@ -53,14 +54,15 @@ def test_zero_iterations_returns_input_unchanged():
   np.testing.assert_array_equal(np.asarray(out), np.asarray(v))
 
 
+@pytest.mark.parametrize("gradient", GRADIENTS)
 @pytest.mark.parametrize("variant", ["B", "C"])
 @pytest.mark.parametrize("n_iter", [1, 4, 18])
-def test_alpha_gradient_finite_nonzero_and_correct(variant, n_iter):
+def test_alpha_gradient_finite_nonzero_and_correct(variant, n_iter, gradient):
   co, v = _inputs(1)
   w = jnp.asarray(np.random.default_rng(2).normal(size=(B, M, C)), jnp.float32)
 
   def loss(alpha):
-    return jnp.sum(iterative_fusion(co, v, alpha, n_iter, variant) * w)
+    return jnp.sum(iterative_fusion(co, v, alpha, n_iter, variant, gradient=gradient) * w)
 
   grad = jax.jit(jax.grad(loss))(jnp.float32(0.3))
   assert np.isfinite(grad) and abs(float(grad)) > 1e-6
@@ -71,24 +73,84 @@ def test_alpha_gradient_finite_nonzero_and_correct(variant, n_iter):
   np.testing.assert_allclose(float(grad), numeric, rtol=1e-3, atol=1e-4)
 
 
-def test_gradients_wrt_co_and_v_match_closed_form():
+@pytest.mark.parametrize("gradient", GRADIENTS)
+@pytest.mark.parametrize("variant", ["A", "B", "C"])
+@pytest.mark.parametrize("n_iter", [1, 4])
+def test_gradients_match_the_unrolled_closed_form_in_float64(variant, n_iter, gradient):
+  """d/dCo, d/dV and d/dalpha of both backward passes against autodiff of the unrolled float64
+  matrix products (variant A has no alpha: its gradient is zero)."""
   co, v = _inputs(3)
-  n = 4
+  w = np.random.default_rng(5).normal(size=(B, M, C))
 
-  def loss(co, v):
-    return jnp.sum(iterative_fusion(co, v, jnp.float32(0.3), n, "C") ** 2)
+  def loss(co, v, alpha):
+    return jnp.sum(jnp.sin(iterative_fusion(co, v, alpha, n_iter, variant, gradient=gradient))
+                   * w.astype(np.float32))
 
-  def loss_closed(co, v):
-    op = 0.3 * co + 0.7 * jnp.eye(M)
+  def loss_closed(co, v, alpha):
+    a, r = {"A": (1.0, 0.0), "B": (alpha, 1.0), "C": (alpha, 1.0 - alpha)}[variant]
     out = v
-    for _ in range(n):
-      out = op @ out
-    return jnp.sum(out ** 2)
+    for _ in range(n_iter):
+      out = a * (co @ out) + r * out
+    return jnp.sum(jnp.sin(out) * w)
 
-  got = jax.grad(loss, argnums=(0, 1))(co, v)
-  want = jax.grad(loss_closed, argnums=(0, 1))(co, v)
-  for g, w in zip(got, want):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
+  got = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(co, v, jnp.float32(0.3))
+  assert [g.dtype for g in got] == [jnp.float32] * 3
+  with jax.enable_x64():
+    want = jax.grad(loss_closed, argnums=(0, 1, 2))(
+        jnp.asarray(co, jnp.float64), jnp.asarray(v, jnp.float64), jnp.float64(0.3))
+    want = [np.asarray(x) for x in want]
+  for name, g, wnt in zip(("dco", "dv", "dalpha"), got, want):
+    np.testing.assert_allclose(np.asarray(g), wnt, rtol=1e-4, atol=1e-5, err_msg=name)
+  if variant == "A":
+    assert float(got[2]) == 0.0
+
+
+@pytest.mark.parametrize("variant", ["A", "C"])
+@pytest.mark.parametrize("product_dtype, v_dtype", [
+    (None, jnp.float32), (jnp.bfloat16, jnp.float32), (jnp.bfloat16, jnp.bfloat16)])
+def test_stacked_and_autodiff_backward_agree(variant, product_dtype, v_dtype):
+  """The two backward passes compute the same gradients: to float32 rounding in float32, within
+  bfloat16 rounding (both against float64 are ~2e-3 here) with bfloat16 operands."""
+  co, v = _inputs(6)
+  w = jnp.asarray(np.random.default_rng(7).normal(size=(B, M, C)), jnp.float32)
+
+  def grads(gradient):
+    def loss(co, v, alpha):
+      out = iterative_fusion(co, v.astype(v_dtype), alpha, 5, variant,
+                             product_dtype=product_dtype, gradient=gradient)
+      return jnp.sum(out.astype(jnp.float32) * w)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(co, v, jnp.float32(0.3))
+
+  stacked, autodiff = grads("stacked"), grads("autodiff")
+  tolerance = 1e-6 if product_dtype is None else 1.5e-2
+  for name, a, b in zip(("dco", "dv", "dalpha"), stacked, autodiff):
+    assert a.dtype == b.dtype, name
+    if variant == "A" and name == "dalpha":
+      assert float(a) == float(b) == 0.0
+      continue
+    assert _relative_error(a, b) < tolerance, (name, _relative_error(a, b))
+
+
+def test_stacked_backward_forms_dco_in_one_product():
+  """The stacked backward's dCo is one dot_general over [n_iter, B, M, C] cotangents and
+  iterates, and no per-iteration g V^T ([B, M, C] x [B, M, C] -> [B, M, M]) remains; under
+  "autodiff" the per-iteration product is there (what the H200 profile showed as the slow loop)."""
+  co, v = _inputs()
+  n = 6
+
+  def text(gradient):
+    loss = lambda co, v: jnp.sum(iterative_fusion(co, v, jnp.float32(0.3), n, "C",
+                                                  gradient=gradient))
+    return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(co, v).as_text()
+
+  def kinds(gradient):
+    return collections.Counter(tuple(t.shape for t in d[0]) + (d[1].shape,)
+                               for d in _dots(text(gradient)))
+
+  per_iteration = ((B, M, C), (B, M, C), (B, M, M))
+  stacked = ((n, B, M, C), (n, B, M, C), (B, M, M))
+  assert kinds("stacked")[stacked] == 1 and kinds("stacked")[per_iteration] == 0, kinds("stacked")
+  assert kinds("autodiff")[per_iteration] >= 1 and kinds("autodiff")[stacked] == 0
 
 
 def test_bfloat16_values_keep_dtype_and_accuracy():
@@ -104,15 +166,17 @@ def _relative_error(got, want) -> float:
   return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
-def test_bfloat16_products_forward_and_backward_stay_accurate():
+@pytest.mark.parametrize("gradient", GRADIENTS)
+def test_bfloat16_products_forward_and_backward_stay_accurate(gradient):
   """product_dtype=bfloat16: Co and V enter the forward products in bfloat16, and so do the
   backward's (dCo = g V^T, dV = Co^T g), all accumulating in float32; outputs and gradients stay
   within bfloat16 rounding of float64's.
 
-  dCo sums n_iter contributions; each comes back in float32 and they are added in float32.
-  Measured here (M 256, C 16, n_iter 18), relative error of dCo: 2.2e-3 this way, 5.4e-3 when Co
-  is cast to bfloat16 once before the loop under plain autodiff (contributions added in
-  bfloat16), 1.6e-7 in float32.
+  dCo sums n_iter contributions in float32: inside the one stacked product, or (autodiff) each
+  comes back in float32 and they are added in float32. Measured here (M 256, C 16, n_iter 18),
+  relative error of dCo: 2.2e-3 (stacked and autodiff alike), 5.4e-3 when Co is cast to
+  bfloat16 once before the loop under plain autodiff (contributions added in bfloat16), 1.6e-7
+  in float32.
   """
   m, c, n = 256, 16, 18
   rng = np.random.default_rng(0)
@@ -120,7 +184,7 @@ def test_bfloat16_products_forward_and_backward_stay_accurate():
 
   def vjp(co, v, product_dtype):
     f = lambda co, v: iterative_fusion(co, v, jnp.asarray(0.3, co.dtype), n, "C",
-                                       product_dtype=product_dtype)
+                                       product_dtype=product_dtype, gradient=gradient)
     out, pullback = jax.vjp(f, co, v)
     return (out, *pullback(jnp.asarray(g, out.dtype)))
 
@@ -136,13 +200,16 @@ def test_bfloat16_products_forward_and_backward_stay_accurate():
 
   text = jax.jit(lambda co, v: vjp(co, v, jnp.bfloat16)).lower(co, v).as_text()
   # Every product with Co or dCo in it: bfloat16 operands, float32 result. Co V and dV = Co^T g
-  # (the loop bodies of forward and backward), dCo = g V^T (backward).
+  # (the loop bodies of forward and backward), dCo = g V^T (backward; stacked: over all
+  # iterations at once).
   ifb = [d for d in _dots(text) if (1, m, m) in [t.shape for t in d[0]] + [d[1].shape]]
   assert all([t.dtype for t in d[0]] == ["bf16", "bf16"] and d[1].dtype == "f32"
              for d in ifb), ifb
   kinds = collections.Counter((d[0][0].shape, d[0][1].shape, d[1].shape) for d in ifb)
   assert kinds[((1, m, m), (1, m, c), (1, m, c))] >= 2, kinds
-  assert kinds[((1, m, c), (1, m, c), (1, m, m))] >= 1, kinds
+  d_co = ((n, 1, m, c), (n, 1, m, c), (1, m, m)) if gradient == "stacked" else (
+      (1, m, c), (1, m, c), (1, m, m))
+  assert kinds[d_co] >= 1, kinds
 
 
 def _dots(text: str):
@@ -160,6 +227,7 @@ def _dots(text: str):
     (dict(v=jnp.zeros((B, M + 1, C))), r"v must be \[B, M, C\]"),
     (dict(v=jnp.zeros((B, M))), r"v must be \[B, M, C\]"),
     (dict(alpha=jnp.zeros((2,))), "alpha must be a scalar"),
+    (dict(gradient="manual"), "unknown IFB gradient 'manual'"),
 ])
 def test_bad_arguments_raise_clear_errors(kwargs, message):
   co, v = _inputs()
@@ -173,8 +241,9 @@ def _temp_bytes(fn, *args):
   return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.parametrize("gradient", GRADIENTS)
 @pytest.mark.parametrize("product_dtype", [None, jnp.bfloat16])
-def test_backward_keeps_iterates_not_one_affinity_matrix_per_iteration(product_dtype):
+def test_backward_keeps_iterates_not_one_affinity_matrix_per_iteration(product_dtype, gradient):
   """Forward+backward temp memory grows by about one [M, C] iterate per extra iteration.
 
   With M >> C, keeping a [M, M] matrix per iteration would add M/C times more per iteration. With
@@ -187,7 +256,8 @@ def test_backward_keeps_iterates_not_one_affinity_matrix_per_iteration(product_d
 
   def grad_fn(n):
     def loss(co, v, a):
-      return jnp.sum(iterative_fusion(co, v, a, n, "C", product_dtype=product_dtype))
+      return jnp.sum(iterative_fusion(co, v, a, n, "C", product_dtype=product_dtype,
+                                      gradient=gradient))
     return jax.grad(loss, argnums=(0, 1, 2))
 
   t4 = _temp_bytes(grad_fn(4), co, v, jnp.float32(0.3))

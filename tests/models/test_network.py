@@ -20,7 +20,8 @@ def tiny_config(dataset="nyud", tasks=("semseg", "depth"), **model_overrides):
           "name": "iterfuse", "backbone": "w18_small_v2", "fuse_upsample": "bilinear",
           "task_channels": 16, "initial_blocks": 1, "dtype": "float32",
           "tpim": {"use_ifb": True, "variant": "C", "n_iter": 3, "alpha_init": 0.3, "scale": 2,
-                   "qk_channels": 0, "ifb_impl": "materialized", "ifb_products": "model"},
+                   "qk_channels": 0, "ifb_impl": "materialized", "ifb_products": "model",
+                   "ifb_gradient": "stacked"},
       },
   })
   for key, value in model_overrides.items():
@@ -179,6 +180,7 @@ def test_bfloat16_compute_keeps_float32_params_and_outputs():
     (dict(n_iter=-3), "n_iter must be a non-negative int"),
     (dict(ifb_impl="magic"), "unknown ifb_impl 'magic'"),
     (dict(ifb_products="half"), "unknown ifb_products 'half'"),
+    (dict(ifb_gradient="manual"), "unknown ifb_gradient 'manual'"),
     (dict(ifb_impl="streamed", ifb_products="float32"),
      "ifb_products='float32' applies to the materialized IFB"),
     (dict(dtype="float16"), "unknown model.dtype 'float16'"),
@@ -197,6 +199,15 @@ def test_ifb_products_of_a_config_and_of_an_older_run_config():
   old = tiny_config()
   del old.model.tpim["ifb_products"]
   assert models.build_model(old).distillation.ifb_products == "float32"
+
+
+def test_ifb_gradient_defaults_to_stacked_also_for_an_older_run_config():
+  assert models.build_model(tiny_config()).distillation.ifb_gradient == "stacked"
+  old = tiny_config()
+  del old.model.tpim["ifb_gradient"]  # the same values either way: the faster one
+  assert models.build_model(old).distillation.ifb_gradient == "stacked"
+  assert models.build_model(tiny_config(ifb_gradient="autodiff")).distillation.ifb_gradient == (
+      "autodiff")
 
 
 @pytest.mark.parametrize("dataset, tasks, message", [
