@@ -76,6 +76,31 @@ def ops(text: str, name: str) -> list[tuple[list[Tensor], Tensor]]:
   return out
 
 
+def custom_calls(text: str, prefix: str) -> list[tuple[str, list[Tensor]]]:
+  """(target, operand types) of every `stablehlo.custom_call @<prefix>...` in a module's text."""
+  out = []
+  # The target may be printed quoted (@"name") where it has characters MLIR's bare names lack.
+  pattern = rf"stablehlo\.custom_call @\"?({re.escape(prefix)}[^\"(\s]*)\"?\([^\n]*?: \(([^)]*)\)"
+  for m in re.finditer(pattern, text):
+    out.append((m.group(1), [_tensor(t) for t in re.findall(r"tensor<([^>]*)>", m.group(2))]))
+  return out
+
+
+def test_custom_calls_reads_targets_and_operand_types():
+  # LAPACK's LU and triangular solves: custom calls on any CPU, in the same printed form.
+  text = jax.jit(jax.numpy.linalg.inv).lower(jax.numpy.ones((2, 4, 4))).as_text()
+  calls = custom_calls(text, "lapack_")
+  assert calls and all(name.startswith("lapack_") for name, _ in calls), calls
+  assert all(operands and all(t == Tensor((2, 4, 4), "f32") for t in operands)
+             for _, operands in calls), calls
+  assert custom_calls(text, "__cudnn$fmha") == []
+
+
+def _streamed_attention_is_cudnn() -> bool:
+  """Whether the bf16 streamed IFB of _setting runs cuDNN's fused attention (on a CUDA GPU)."""
+  return jax.default_backend() == "gpu"
+
+
 @pytest.mark.parametrize("impl", ["materialized", pytest.param("streamed", marks=pytest.mark.slow)])
 def test_bfloat16_step_convolves_in_bfloat16_and_attends_in_float32(impl):
   text = _stablehlo("bfloat16", impl)
@@ -91,14 +116,26 @@ def test_bfloat16_step_convolves_in_bfloat16_and_attends_in_float32(impl):
   assert resize_dots and all(t.dtype == "bf16" for d in resize_dots for t in d[0]), resize_dots
   # Rank 3, [B, M, *]: the attention logits Q K^T, the IFB's Co V and their gradients.
   ifb_dots = [d for d in dots if len(d[1].shape) == 3]
-  assert ifb_dots, "no attention / IFB products found"
   assert all(d[1].dtype == "f32" for d in ifb_dots), [d for d in ifb_dots if d[1].dtype != "f32"]
-  logits = [d for d in ifb_dots if all(t.dtype == "bf16" for t in d[0])]
-  assert logits, "Q K^T should take bfloat16 Q and K (accumulating in float32)"
-
   # The softmax over positions: exponentials of [B, M, M] (or [B, M, block]) logits.
   softmax_exps = [e for e in ops(text, "exponential") if len(e[1].shape) == 3]
-  assert softmax_exps and all(e[1].dtype == "f32" for e in softmax_exps), softmax_exps
+  assert all(e[1].dtype == "f32" for e in softmax_exps), softmax_exps
+
+  if impl == "streamed" and _streamed_attention_is_cudnn():
+    # On a GPU the streamed IFB hands the whole attention to cuDNN's fused kernels (softmax and
+    # accumulation in float32 inside them): forward and backward calls on bfloat16 Q, K, V, and
+    # no attention products or softmax of its own.
+    fused = custom_calls(text, "__cudnn$fmha")
+    targets = collections.Counter(name for name, _ in fused)
+    assert targets["__cudnn$fmhaSoftmax"] >= 2 and targets["__cudnn$fmhaSoftmaxBackward"] >= 2, (
+        targets)
+    assert all(t.dtype == "bf16" for _, operands in fused for t in operands[:3]), fused
+    assert not ifb_dots and not softmax_exps, (ifb_dots[:3], softmax_exps[:3])
+    return
+  assert ifb_dots, "no attention / IFB products found"
+  logits = [d for d in ifb_dots if all(t.dtype == "bf16" for t in d[0])]
+  assert logits, "Q K^T should take bfloat16 Q and K (accumulating in float32)"
+  assert softmax_exps, "no softmax over positions found"
 
 
 # The pooled grid of a SIZE x SIZE input (HRNet's stride 4, then the CIB's sc = 2) and C.
@@ -107,8 +144,11 @@ GRID_M, CHANNELS = (SIZE // 8) ** 2, 8
 
 def _ifb_products(text: str) -> list:
   """The materialized IFB's products and their gradients: Co V and dV = Co^T g ([B, M, M] x
-  [B, M, C] -> [B, M, C]), dCo = g V^T ([B, M, C] x [B, M, C] -> [B, M, M])."""
-  square, values = (2, GRID_M, GRID_M), {(2, GRID_M, CHANNELS), (2, CHANNELS, GRID_M)}
+  [B, M, C] -> [B, M, C]), dCo = sum_t g_t V_t^T ([n_iter, B, M, C] x [n_iter, B, M, C] ->
+  [B, M, M], the stacked backward; per iteration [B, M, C] x [B, M, C] under "autodiff")."""
+  n_iter = _setting("bfloat16", "materialized").n_iter
+  square = (2, GRID_M, GRID_M)
+  values = {(2, GRID_M, CHANNELS), (2, CHANNELS, GRID_M), (n_iter, 2, GRID_M, CHANNELS)}
   out = []
   for d in ops(text, "dot_general"):
     shapes = [t.shape for t in d[0]] + [d[1].shape]
@@ -122,6 +162,7 @@ def test_bfloat16_ifb_products_take_the_asked_operands(ifb_products, operands):
   products = _ifb_products(_stablehlo("bfloat16", "materialized", ifb_products))
   # Two CIBs (semseg <-> depth): per CIB the forward's and the backward's loop bodies, dCo.
   assert len(products) >= 6, products
+  assert sum(len(d[0][0].shape) == 4 for d in products) == 2, "one stacked dCo per CIB"
   assert all(t.dtype == operands for d in products for t in d[0]), products
   assert all(d[1].dtype == "f32" for d in products), products
 
