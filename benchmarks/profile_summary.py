@@ -4,8 +4,12 @@
 (`jax.profiler.ProfileData`) opens it. Every event that XLA annotated with the HLO operation it
 ran (an `hlo_op` statistic) counts: on a GPU the kernels on the device's streams, on a CPU the
 thunks of the host's XLA threads. Events are summed per HLO operation and per kind of operation
-(the name without its ".N" suffix: "fusion", "cudnn-conv-bw-filter", "gemm_fusion", ...), divided
-by the number of profiled steps.
+(the name without its ".N" suffix: "fusion", "cudnn-conv-bw-filter", "gemm_fusion", ...), and per
+kernel (the event's own name without a trailing "_N": a cuBLAS or cuDNN kernel, an XLA fusion's
+kind), divided by the number of profiled steps. The per-kernel table sees inside CUDA-graph
+command buffers, which XLA on a GPU records as one "command_buffer_N" operation each: the H200's
+first profile (benchmarks/README.md) showed four of them as half of the step, with nothing of
+what ran inside.
 
   python -m benchmarks.profile_summary /tmp/trace --steps 3
 """
@@ -29,9 +33,13 @@ def _kind(op: str) -> str:
   return re.sub(r"(\.\d+)+$", "", op)
 
 
+def _kernel_kind(name: str) -> str:
+  return re.sub(r"(_\d+)+$", "", name)[:100]
+
+
 def summarize(directory: str | pathlib.Path, steps: int = 1, top: int = 15,
               module_contains: str = "train_step") -> dict:
-  """{"source", "ms_per_step", "top_ops", "top_kinds"} of the newest trace under `directory`.
+  """{"source", "ms_per_step", "top_ops", "top_kinds", "top_kernels"} of the newest trace.
 
   Device planes (a GPU's) are used when they hold annotated events, else the host's. Events of
   the modules whose name contains `module_contains` count when there are any, else all.
@@ -59,7 +67,10 @@ def summarize(directory: str | pathlib.Path, steps: int = 1, top: int = 15,
   chosen = in_module or chosen
   per_op = collections.defaultdict(lambda: [0.0, 0, ""])
   per_kind = collections.defaultdict(lambda: [0.0, 0])
+  per_kernel = collections.defaultdict(lambda: [0.0, 0])
   for op, _, name, ns in chosen:
+    per_kernel[_kernel_kind(name)][0] += ns
+    per_kernel[_kernel_kind(name)][1] += 1
     per_op[op][0] += ns
     per_op[op][1] += 1
     per_op[op][2] = per_op[op][2] or name
@@ -80,7 +91,8 @@ def summarize(directory: str | pathlib.Path, steps: int = 1, top: int = 15,
 
   return {"source": f"{source} events with an hlo_op ({path.name})",
           "ms_per_step": total / 1e6 / steps, "events": len(chosen),
-          "top_ops": rows(per_op, True), "top_kinds": rows(per_kind, False)}
+          "top_ops": rows(per_op, True), "top_kinds": rows(per_kind, False),
+          "top_kernels": rows(per_kernel, False)}
 
 
 def format_summary(summary: dict) -> str:
@@ -91,6 +103,10 @@ def format_summary(summary: dict) -> str:
   lines.append(f"{'ms/step':>9s} {'%':>6s}  top operations")
   lines += [f"{r['ms_per_step']:9.3f} {r['percent']:6.1f}  {r['name']}"
             + (f"  [{r['kernel']}]" if "kernel" in r else "") for r in summary["top_ops"]]
+  if summary.get("top_kernels"):
+    lines.append(f"{'ms/step':>9s} {'%':>6s}  top kernels (inside command buffers too)")
+    lines += [f"{r['ms_per_step']:9.3f} {r['percent']:6.1f}  {r['name']}"
+              for r in summary["top_kernels"]]
   return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import zipfile
@@ -197,6 +198,10 @@ def test_profile_summary_reads_a_real_trace(tmp_path):
   assert summary["events"] >= 2 and summary["ms_per_step"] > 0
   assert summary["top_ops"] and sum(r["percent"] for r in summary["top_ops"]) <= 100.0 + 1e-6
   assert "top operations" in profile_summary.format_summary(summary)
+  kernels = summary["top_kernels"]
+  assert kernels and sum(r["percent"] for r in kernels) <= 100.0 + 1e-6
+  assert all(not re.search(r"_\d+$", r["name"]) for r in kernels), kernels
+  assert "top kernels" in profile_summary.format_summary(summary)
   with pytest.raises(FileNotFoundError, match="no \\*.xplane.pb"):
     profile_summary.summarize(tmp_path / "empty")
 
