@@ -54,7 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from benchmarks import train_step
 from benchmarks.train_step import Setting
@@ -77,9 +77,9 @@ FULL_RUN_EPOCHS = 100
 # The GPU-relevant tests, most important first (pytest runs them in this order).
 GPU_TESTS = (
     "tests/test_precision.py",
+    "tests/models/test_iterative_fusion.py",
     "tests/models/test_streamed_fusion_gpu.py",
     "tests/models/test_streamed_fusion.py",
-    "tests/models/test_iterative_fusion.py",
     "tests/test_losses.py",
     "tests/test_metrics.py",
     "tests/test_out_of_memory.py",
@@ -90,6 +90,8 @@ GPU_TESTS = (
     "tests/test_determinism.py",
 )
 TINY_TESTS = ("tests/test_losses.py",)
+# XLA_FLAGS of the GPU tests: no autotuning of convolutions and GEMMs (XLA's default choices).
+TESTS_XLA_FLAGS = "--xla_gpu_autotune_level=0"
 # Libraries the GPU image lacks and that travel as wheels; their versions are printed.
 WATCHED_DISTRIBUTIONS = (
     "jax", "jaxlib", "jax-cuda13-plugin", "flax", "optax", "orbax-checkpoint", "chex", "numpy",
@@ -139,12 +141,17 @@ def plan(tiny: bool, profile_dir: str, torch_device: str = "auto") -> list[Row]:
       precision="tf32", profile_dir=profile_dir, **nyud)
   add("nyud", "PT eager bf16", eager_cap, 30, framework="torch", impl="materialized",
       dtype="bfloat16", precision="tf32", **nyud)
+  # Before/after of the stacked IFB backward (model.tpim.ifb_gradient, "stacked" by default):
+  # the same bf16 step with JAX's derivative of the loop (the first visit's profile: its two
+  # backward loops took 58 of 141 ms).
+  add("nyud", "JAX bf16 IFB autodiff", jax_cap, 30, framework="jax", impl="materialized",
+      dtype="bfloat16", precision="tf32", ifb_gradient="autodiff", **nyud)
+  add("nyud", "PT compile bf16", compile_cap, 120, framework="torch", impl="materialized",
+      dtype="bfloat16", precision="tf32", torch_mode="compile", **nyud)
   add("nyud", "JAX f32 TF32", jax_cap, 30, framework="jax", impl="materialized", dtype="float32",
       precision="tf32", **nyud)
   add("nyud", "PT eager f32 TF32", eager_cap, 30, framework="torch", impl="materialized",
       dtype="float32", precision="tf32", **nyud)
-  add("nyud", "PT compile bf16", compile_cap, 120, framework="torch", impl="materialized",
-      dtype="bfloat16", precision="tf32", torch_mode="compile", **nyud)
   # Before/after of bfloat16 IFB products (model.tpim.ifb_products, "model" by default): the
   # same bf16 step with Co and V entering the products in float32 (TF32).
   add("nyud", "JAX bf16 IFB f32", jax_cap, 30, framework="jax", impl="materialized",
@@ -410,8 +417,12 @@ def format_env(env: dict) -> str:
 def tests_phase(targets: Sequence[str], timeout_s: float, log: pathlib.Path,
                 platform: str) -> dict:
   cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-rfE",
-         "--color=no", *targets]
+         "--color=no", "--report-failures-at-once", *targets]
   env = child_env(ITERFUSE_TEST_PLATFORM=platform)
+  if platform == "gpu":
+    # The tests check results, not speed: without autotuning each of their many small compiles
+    # is shorter (on the H200's first visit 5 of 160 tests ran in 150 s).
+    env["XLA_FLAGS"] = " ".join(f for f in (env.get("XLA_FLAGS", ""), TESTS_XLA_FLAGS) if f)
   start = time.perf_counter()
   rc, out = run_limited(cmd, timeout_s, env, log)
   # pytest -v: "tests/x.py::test_y[a b] PASSED   [ 10%]", one line per test as it finishes.
@@ -421,10 +432,14 @@ def tests_phase(targets: Sequence[str], timeout_s: float, log: pathlib.Path,
               for o in ("PASSED", "FAILED", "ERROR", "SKIPPED", "XFAIL", "XPASS")}
   summary_lines = [l for l in out.splitlines() if re.match(r"^=+ .*(passed|failed|error).* =+$", l)]
   failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", out, re.MULTILINE)
+  # --report-failures-at-once: each failure's report as it happened, kept when pytest is killed.
+  reports = {m.group(1): m.group(2) for m in re.finditer(
+      r"^---- (\S+) failed \(\w+\):\n(.*?)\n----$", out, re.MULTILINE | re.DOTALL)}
+  failed += [name for name in reports if name not in failed]
   return {"targets": list(targets), "platform": platform, "exit": rc,
           "timed_out": rc is None, "seconds": time.perf_counter() - start, **outcomes,
           "summary": summary_lines[-1].strip("= ") if summary_lines else None,
-          "failed_tests": failed}
+          "failed_tests": failed, "failure_reports": reports}
 
 
 def format_tests(t: dict) -> str:
@@ -437,7 +452,12 @@ def format_tests(t: dict) -> str:
     head += " -- TIMED OUT, killed; the counts are the tests finished by then"
   elif t["summary"]:
     head += f" [pytest: {t['summary']}]"
-  return "\n".join([head] + [f"  failed: {name}" for name in t["failed_tests"]])
+  lines = [head]
+  for name in t["failed_tests"]:
+    report = t.get("failure_reports", {}).get(name, "")
+    errors = [l for l in report.splitlines() if l.startswith("E ")]
+    lines.append(f"  failed: {name}" + (f"\n    {errors[0][:300]}" if errors else ""))
+  return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -507,10 +527,28 @@ def _key(row: Row) -> str:
   return f"{row.group}: {row.label}"
 
 
+def _row_line(result: dict) -> str:
+  """A finished row in one progress line (the console keeps it if the command is killed)."""
+  if "error" in result:
+    return result["error"]
+  parts = [f"{result['images_per_s']:.2f} images/s"]
+  if result.get("step_s"):
+    parts.append(f"{result['step_s'] * 1e3:.1f} ms/step")
+  if result.get("peak_bytes"):
+    parts.append(f"peak {result['peak_bytes'] / 2 ** 30:.1f} GiB")
+  if result.get("compile_s"):
+    parts.append(f"compile {result['compile_s']:.0f} s")
+  if result.get("first_step_s") is not None:
+    parts.append(f"first step {result['first_step_s']:.1f} s")
+  return ", ".join(parts)
+
+
 def run_rows(rows: Sequence[Row], clock: Clock, env: dict[str, str], log: pathlib.Path,
-             reserve_s: float, allow_torch_compile: bool) -> list[dict]:
+             reserve_s: float, allow_torch_compile: bool,
+             on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
   """Runs the rows one at a time; `env` holds the shared persistent compilation cache's settings,
-  which rows of another cache run without."""
+  which rows of another cache run without. `on_row(results so far)` follows every row (the
+  visit saves them: a command killed at its limit keeps the rows it finished)."""
   uncached_env = {k: v for k, v in env.items() if not k.startswith(CACHE_VARIABLES)}
   own_caches = {}  # name: folder
   results = []
@@ -537,8 +575,9 @@ def run_rows(rows: Sequence[Row], clock: Clock, env: dict[str, str], log: pathli
           row.setting, timeout_s=min(row.cap_s, left), log_path=str(log),
           env=row_env)
       results.append({**result, "group": row.group, "label": row.label, "cache": row.cache})
-      print(f"[{clock.elapsed():5.0f} s]   " + (result.get("error") or
-            f"{result['images_per_s']:.2f} images/s"), flush=True)
+      print(f"[{clock.elapsed():5.0f} s]   {_row_line(result)}", flush=True)
+    if on_row is not None:
+      on_row(results)
   return results
 
 
@@ -820,8 +859,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--rows", default="", help="only these rows: comma-separated labels "
                       "('JAX bf16') or group-qualified labels ('pascal: JAX bf16')")
   parser.add_argument("--tests-s", type=float, default=150.0, help="limit of the tests phase")
-  parser.add_argument("--precompile", type=int, default=4,
-                      help="JAX rows compiled ahead in parallel (0: each row compiles itself)")
+  parser.add_argument("--precompile", type=int, default=1,
+                      help="JAX rows compiled ahead at a time, during the tests (0: each row "
+                      "compiles itself). On the H200 one compile of the NYUD step took 85 s "
+                      "alone; four at once all ran past 150 s")
   parser.add_argument("--torch-device", choices=("auto", "cpu", "cuda"), default="auto")
   args = parser.parse_args(argv)
 
@@ -902,8 +943,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     reserve = 45.0 if "pipeline" in phases else 5.0
     if flops_future is not None:  # its CPU work must not overlap the timed rows
       concurrent.futures.wait([flops_future], timeout=min(30.0, max(0.0, clock.left() - 100)))
+    def keep_rows(partial: list[dict]) -> None:
+      results["bench"] = partial
+      save()
+
     bench = run_rows(rows, clock, row_env, outdir / "rows.log", reserve,
-                     allow_torch_compile=not args.tiny)
+                     allow_torch_compile=not args.tiny, on_row=keep_rows)
     flops = {}
     if flops_future is not None:
       try:

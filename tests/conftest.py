@@ -27,6 +27,31 @@ if TEST_PLATFORM == "cpu":
   # Must happen before any backend is initialised.
   jax.config.update("jax_num_cpu_devices", 2)
 
+def pytest_addoption(parser):
+  parser.addoption("--report-failures-at-once", action="store_true",
+                   help="print each failure's report as soon as the test fails (for runs that a "
+                   "time limit may kill before pytest's summary, such as a GPU visit)")
+
+
+class _FailuresAtOnce:
+  """Writes a failed test's report to the terminal when it happens, not only in the summary."""
+
+  def __init__(self, config):
+    self.config = config
+
+  def pytest_runtest_logreport(self, report):
+    terminal = self.config.pluginmanager.get_plugin("terminalreporter")
+    if report.failed and terminal is not None:
+      terminal.write_line(f"\n---- {report.nodeid} failed ({report.when}):")
+      terminal.write_line(report.longreprtext[-6000:])
+      terminal.write_line("----")
+
+
+def pytest_configure(config):
+  if config.getoption("--report-failures-at-once"):
+    config.pluginmanager.register(_FailuresAtOnce(config), "failures-at-once")
+
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 

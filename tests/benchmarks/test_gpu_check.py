@@ -52,6 +52,11 @@ def test_plan_puts_the_nyud_comparison_first_at_the_paper_shapes():
   assert ifb_f32.group == "nyud" and ifb_f32.setting.dtype == "bfloat16"
   assert dataclasses.replace(ifb_f32.setting, ifb_products="model") == dataclasses.replace(
       first.setting, profile_dir="")
+  # The before/after of the stacked IFB backward: one row with autodiff's, early in the visit.
+  (autodiff,) = [r for r in rows if r.setting.ifb_gradient == "autodiff"]
+  assert autodiff.group == "nyud" and rows.index(autodiff) <= 3
+  assert dataclasses.replace(autodiff.setting, ifb_gradient="stacked") == dataclasses.replace(
+      first.setting, profile_dir="")
   # Reruns: two identical rows per setting: XLA's defaults without a cache and with a cache of
   # their own, config.deterministic without a cache.
   reruns = [r for r in rows if r.group == "determinism"]
@@ -169,7 +174,10 @@ def test_each_row_gets_the_compilation_cache_it_asks_for(monkeypatch, tmp_path):
   rows = [r for r in planned if r.group == "determinism"] + planned[:1]
   env = gpu_check.child_env(JAX_COMPILATION_CACHE_DIR="/c",
                             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", OTHER="1")
-  results = gpu_check.run_rows(rows, gpu_check.Clock(600), env, tmp_path / "log", 0, True)
+  kept = []
+  results = gpu_check.run_rows(rows, gpu_check.Clock(600), env, tmp_path / "log", 0, True,
+                               on_row=lambda partial: kept.append(len(partial)))
+  assert kept == list(range(1, len(rows) + 1)), "every finished row is handed on at once"
   assert [r["cache"] for r in results] == [r.cache for r in rows]
   assert all(row_env["OTHER"] == "1" for row_env, _ in seen)
   for row, (row_env, entries) in zip(rows, seen):
@@ -187,6 +195,30 @@ def test_each_row_gets_the_compilation_cache_it_asks_for(monkeypatch, tmp_path):
   assert [entries for _, entries in own] == [[], ["entry"]]
 
 
+def test_tests_phase_keeps_the_report_of_a_failure_when_pytest_is_killed(tmp_path, monkeypatch):
+  """The visit's pytest prints each failure as it happens (tests/conftest.py's
+  --report-failures-at-once), so the phase records why a test failed even when its time limit
+  kills pytest before the summary (the H200's first visit lost that)."""
+  tests = tmp_path / "tests"
+  tests.mkdir()
+  (tests / "test_planted.py").write_text(
+      "import time\n"
+      "def test_fails():\n    assert 1 + 1 == 3, 'planted failure'\n"
+      "def test_hangs():\n    time.sleep(600)\n")
+  (tmp_path / "pytest.ini").write_text("[pytest]\naddopts = -p tests.conftest\n")
+  # pytest runs in tmp_path as it runs in the repository on the visit; the planted folder has no
+  # __init__.py, so `tests.conftest` is still the repository's.
+  monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
+  monkeypatch.setattr(gpu_check, "REPO_ROOT", tmp_path)
+  result = gpu_check.tests_phase(["tests/test_planted.py"], 20, tmp_path / "tests.log", "cpu")
+  assert result["timed_out"] and result["failed"] == 1 and result["passed"] == 0, result
+  (name,) = result["failed_tests"]
+  assert name == "tests/test_planted.py::test_fails"
+  assert "planted failure" in result["failure_reports"][name]
+  text = gpu_check.format_tests(result)
+  assert "TIMED OUT" in text and "AssertionError: planted failure" in text, text
+
+
 def test_profile_summary_reads_a_real_trace(tmp_path):
   f = jax.jit(lambda x: jnp.tanh(x @ x).sum())
   x = jnp.ones((256, 256))
@@ -200,7 +232,7 @@ def test_profile_summary_reads_a_real_trace(tmp_path):
   assert "top operations" in profile_summary.format_summary(summary)
   kernels = summary["top_kernels"]
   assert kernels and sum(r["percent"] for r in kernels) <= 100.0 + 1e-6
-  assert all(not re.search(r"_\d+$", r["name"]) for r in kernels), kernels
+  assert all(not re.search(r"[._]\d+$", r["name"]) for r in kernels), kernels
   assert "top kernels" in profile_summary.format_summary(summary)
   with pytest.raises(FileNotFoundError, match="no \\*.xplane.pb"):
     profile_summary.summarize(tmp_path / "empty")
