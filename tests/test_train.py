@@ -103,8 +103,11 @@ def test_run_learns_and_leaves_its_artifacts(finished_run):
   assert losses[-1] < 0.9 * losses[0], f"loss did not fall: {losses}"
   tags = {tag for tag, *_ in records}
   for tag in ("loss/final/semseg", "loss/initial/depth", "learning_rate", "images_per_second",
-              "eval/semseg/miou", "eval/depth/rmse", "eval/delta_m"):
+              "input_fraction", "eval/semseg/miou", "eval/depth/rmse", "eval/delta_m"):
     assert tag in tags, f"{tag} missing from the TensorBoard events ({sorted(tags)})"
+  input_fractions = [v for tag, _, _, v in records if tag == "input_fraction"]
+  assert len(input_fractions) == len(losses) and all(0 < v < 1 for v in input_fractions), (
+      input_fractions)
   assert sorted(step for tag, _, step, _ in records if tag == "eval/delta_m") == EVAL_STEPS
   images = {tag for tag, plugin, *_ in records if plugin == "images"}
   assert {"eval/input", "eval/semseg/prediction", "eval/semseg/ground_truth",
@@ -644,7 +647,7 @@ def test_a_run_without_tensorflow_writes_the_same_tensorboard_summaries(finished
   clu_progress = {"steps_per_sec", "uptime"}  # clu's ReportProgress, a TensorFlow-only hook
   assert (sorted(r[:3] for r in got)
           == sorted(r[:3] for r in want if r[0] not in clu_progress))
-  timed = {"images_per_second"}
+  timed = {"images_per_second", "input_fraction"}
   got_values = {(tag, step): v for tag, _, step, v in got if v is not None and tag not in timed}
   want_values = {(tag, step): v for tag, _, step, v in want
                  if v is not None and tag not in timed | clu_progress}
