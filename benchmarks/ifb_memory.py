@@ -1,4 +1,5 @@
-"""Memory and time of one CIB forward+backward, materialized vs streamed IFB.
+"""Memory and time of one CIB forward+backward: materialized IFB (stacked or autodiff backward)
+vs streamed IFB.
 
 One Cross-task Interaction Block (train mode) at the paper's NYUD shape: task features of C = 270
 channels, average-pooled by sc = 2 to an M-position grid, n_iter = 18, IFB C, batch 1. The step is

@@ -16,6 +16,7 @@ iterates); the question is what the products add to them.
 
   python -m benchmarks.ifb_precision                        # NYUD: M = 60 x 80, C 270, n_iter 18
   python -m benchmarks.ifb_precision --grid 16x16 --channels 32 --repeats 1
+  python -m benchmarks.ifb_precision --ifb-gradient autodiff     # JAX's derivative of the loop
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ GRADIENTS = ("out", "dQ", "dK", "dV", "dalpha")
 
 
 def measure(grid: tuple[int, int], channels: int, qk_channels: int, n_iter: int, variant: str,
-            repeats: int, seed: int = 0) -> list[dict]:
+            repeats: int, seed: int = 0, gradient: str = "stacked") -> list[dict]:
   # pylint: disable=g-import-not-at-top
   import jax
   import jax.numpy as jnp
@@ -52,7 +53,7 @@ def measure(grid: tuple[int, int], channels: int, qk_channels: int, n_iter: int,
     def forward(q, k, v, alpha):
       co = affinity_matrix(q.astype(dtype), k.astype(dtype))
       return iterative_fusion(co, v.astype(dtype), alpha, n_iter, variant,
-                              product_dtype=product_dtype)
+                              product_dtype=product_dtype, gradient=gradient)
 
     def run(q, k, v, alpha):
       out, pullback = jax.vjp(forward, q, k, v, alpha)
@@ -88,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--n-iter", type=int, default=18)
   parser.add_argument("--variant", choices=("A", "B", "C"), default="C")
   parser.add_argument("--repeats", type=int, default=2, help="timed runs after the first")
+  parser.add_argument("--ifb-gradient", choices=("stacked", "autodiff"), default="stacked",
+                      help="the IFB's backward (model.tpim.ifb_gradient) of every setting")
   args = parser.parse_args(argv)
   try:
     grid = tuple(int(x) for x in args.grid.lower().split("x"))
@@ -100,10 +103,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   d = args.qk_channels or max(args.channels // 2, 1)
 
   import jax  # pylint: disable=g-import-not-at-top
-  rows = measure(grid, args.channels, d, args.n_iter, args.variant, args.repeats)
+  rows = measure(grid, args.channels, d, args.n_iter, args.variant, args.repeats,
+                 gradient=args.ifb_gradient)
   device = jax.devices()[0]
   print(f"IFB {args.variant} forward+backward from Q, K, V: M = {grid[0]}x{grid[1]} = "
-        f"{grid[0] * grid[1]}, C {args.channels}, d {d}, n_iter {args.n_iter}, batch 1, on "
+        f"{grid[0] * grid[1]}, C {args.channels}, d {d}, n_iter {args.n_iter}, batch 1, "
+        f"{args.ifb_gradient} backward, on "
         f"{device.platform} ({device.device_kind}); relative error against float64")
   print(f"{'setting':24s} {'step s':>7s} " + " ".join(f"{g:>8s}" for g in GRADIENTS))
   for r in rows:

@@ -15,7 +15,7 @@ def test_ifb_memory_benchmark_smoke(tmp_path, capsys):
   assert "one CIB forward+backward: C=8, n_iter=2" in printed
   rows = json.loads(rows_file.read_text())
   assert [(r["part"], r["impl"], r["m"]) for r in rows] == [
-      ("cib", "materialized", 20), ("cib", "streamed", 20)]
+      ("cib", "materialized", 20), ("cib", "materialized-autodiff", 20), ("cib", "streamed", 20)]
   for row in rows:
     assert row["temp_bytes"] > 0 and row["step_s"] > 0 and row["compile_s"] > 0
     # Arguments hold the block's parameters and two [1, 8, 10, 8] float32 feature maps.
@@ -56,6 +56,11 @@ def test_ifb_precision_benchmark_smoke(capsys):
   # float32 is float32 rounding away from float64; bfloat16 activations, bfloat16 rounding.
   assert max(errors["float32"]) < 1e-4
   assert all(1e-4 < e[0] < 3e-2 for name, e in errors.items() if name != "float32"), errors
+  assert "stacked backward" in lines[0]
+  assert ifb_precision.main(["--grid", "8x8", "--channels", "8", "--n-iter", "4", "--repeats",
+                             "1", "--ifb-gradient", "autodiff"]) == 0
+  autodiff = capsys.readouterr().out.splitlines()
+  assert "autodiff backward" in autodiff[0] and len(autodiff) == len(lines)
 
 
 def test_ifb_precision_benchmark_rejects_a_bad_grid(capsys):
