@@ -6,10 +6,10 @@ ran (an `hlo_op` statistic) counts: on a GPU the kernels on the device's streams
 thunks of the host's XLA threads. Events are summed per HLO operation and per kind of operation
 (the name without its ".N" suffix: "fusion", "cudnn-conv-bw-filter", "gemm_fusion", ...), and per
 kernel (the event's own name without a trailing "_N" or ".N": a cuBLAS or cuDNN kernel, an XLA
-fusion's kind; on a CPU the thunk's HLO name), divided by the number of profiled steps. The per-kernel table sees inside CUDA-graph
-command buffers, which XLA on a GPU records as one "command_buffer_N" operation each: the H200's
-first profile (benchmarks/README.md) showed four of them as half of the step, with nothing of
-what ran inside.
+fusion's kind; on a CPU the thunk's HLO name), divided by the number of profiled steps. The
+per-kernel table sees inside CUDA-graph command buffers, which XLA on a GPU records as one
+"command_buffer_N" operation each: the H200's first profile (benchmarks/README.md) showed four
+of them as half of the step, with nothing of what ran inside.
 
   python -m benchmarks.profile_summary /tmp/trace --steps 3
 """

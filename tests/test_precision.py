@@ -4,9 +4,11 @@ With model.dtype = "bfloat16" the step must run every convolution and the resize
 bfloat16 operands, while the attention logits accumulate in float32, the softmax over positions
 stays float32, and every IFB product (Co V and its gradients) accumulates in float32: on bfloat16
 operands by default (model.tpim.ifb_products="model", as PyTorch autocast), on float32 ones with
-ifb_products="float32". With "float32" nothing may be bfloat16. These are read off the step's StableHLO (what JAX asks XLA to compute) on any backend;
-on a GPU (ITERFUSE_TEST_PLATFORM=gpu) also off the optimised HLO that XLA compiled, where the
-convolutions are cuDNN calls. A model that ignored model.dtype fails here, whatever its losses.
+ifb_products="float32". With "float32" nothing may be bfloat16. These are read off the step's
+StableHLO (what JAX asks XLA to compute) on any backend; on a GPU (ITERFUSE_TEST_PLATFORM=gpu)
+also off the optimised HLO that XLA compiled, where the convolutions are cuDNN calls (and the
+bf16 streamed IFB's attention is cuDNN's fused kernels). A model that ignored model.dtype fails
+here, whatever its losses.
 """
 
 import collections
