@@ -212,13 +212,14 @@ def _stacked_ifb_bwd(n_iter, variant, product_dtype, residuals, g):
     g_t = a * co_t_g + r * g_next
     # d/dalpha of a <g, Co V> + r <g, V>, with <g, Co V> = <Co^T g, V>: no Co V kept.
     d_alpha = d_alpha + da * jnp.vdot(co_t_g, v_acc) + dr * jnp.vdot(g_next, v_acc)
-    return (g_t, d_alpha), g_p
+    # The cotangent of Co V, a g, kept for dCo (rounded to the product dtype, as autodiff's).
+    return (g_t, d_alpha), (a * g_next).astype(product_dtype)
 
   init = (g.astype(acc), jnp.zeros((), acc))
   (d_v, d_alpha), cotangents = jax.lax.scan(body, init, iterates, reverse=True)
-  # dCo = a sum_t g_t V_t^T: one product contracting iterations and channels together.
-  d_co = a * jnp.einsum("tbic,tbjc->bij", cotangents, iterates.astype(product_dtype),
-                        preferred_element_type=acc)
+  # dCo = sum_t (a g_t) V_t^T: one product contracting iterations and channels together.
+  d_co = jnp.einsum("tbic,tbjc->bij", cotangents, iterates.astype(product_dtype),
+                    preferred_element_type=acc)
   return d_co.astype(co.dtype), d_v.astype(iterates.dtype), d_alpha.astype(alpha.dtype)
 
 
