@@ -946,6 +946,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     reserve = 45.0 if "pipeline" in phases else 5.0
     if flops_future is not None:  # its CPU work must not overlap the timed rows
       concurrent.futures.wait([flops_future], timeout=min(30.0, max(0.0, clock.left() - 100)))
+
     def keep_rows(partial: list[dict]) -> None:
       results["bench"] = partial
       save()

@@ -69,8 +69,9 @@ def summarize(directory: str | pathlib.Path, steps: int = 1, top: int = 15,
   per_kind = collections.defaultdict(lambda: [0.0, 0])
   per_kernel = collections.defaultdict(lambda: [0.0, 0])
   for op, _, name, ns in chosen:
-    per_kernel[_kernel_kind(name)][0] += ns
-    per_kernel[_kernel_kind(name)][1] += 1
+    kernel = per_kernel[_kernel_kind(name)]
+    kernel[0] += ns
+    kernel[1] += 1
     per_op[op][0] += ns
     per_op[op][1] += 1
     per_op[op][2] = per_op[op][2] or name

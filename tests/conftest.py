@@ -27,6 +27,7 @@ if TEST_PLATFORM == "cpu":
   # Must happen before any backend is initialised.
   jax.config.update("jax_num_cpu_devices", 2)
 
+
 def pytest_addoption(parser):
   parser.addoption("--report-failures-at-once", action="store_true",
                    help="print each failure's report as soon as the test fails (for runs that a "
