@@ -9,8 +9,9 @@
 #   bash benchmarks/rehearse_image.sh VENV dry OUTDIR        # gpu_check.sh OUTDIR --tiny in it
 #   bash benchmarks/rehearse_image.sh VENV pytest [ARGS]     # the test suite (or ARGS) in it
 #
-# VENV is created on first use with ${PYTHON312:-python3.12} (about 6 GiB: torch's CUDA wheels
-# come along, unused on a CPU). .whl/ is fetched first if missing (benchmarks/fetch_gpu_wheels.sh).
+# VENV is created on first use with $PYTHON312 (default: python3.12, else pyenv's installed 3.12),
+# about 6 GiB: torch's CUDA wheels come along, unused on a CPU. .whl/ is fetched first if missing
+# (benchmarks/fetch_gpu_wheels.sh).
 set -euo pipefail
 if [[ $# -lt 2 || ( "$2" != dry && "$2" != pytest ) || ( "$2" == dry && $# -lt 3 ) ]]; then
   echo "usage: bash benchmarks/rehearse_image.sh VENV dry OUTDIR | VENV pytest [ARGS]" >&2
@@ -24,7 +25,19 @@ if ! compgen -G ".whl/*.whl" > /dev/null; then
   bash benchmarks/fetch_gpu_wheels.sh
 fi
 if [[ ! -x "$VENV/bin/python" ]]; then
-  "${PYTHON312:-python3.12}" -m venv "$VENV"
+  if [[ -z "${PYTHON312:-}" ]]; then
+    PYTHON312=python3.12
+    # Under pyenv, `python3.12` is a shim that refuses to run unless 3.12 is a selected
+    # version: take an installed 3.12 directly.
+    if ! "$PYTHON312" -c "" 2> /dev/null && command -v pyenv > /dev/null; then
+      PYTHON312=$(ls -d "$(pyenv root)"/versions/3.12*/bin/python3.12 2> /dev/null | tail -1 || true)
+    fi
+  fi
+  if [[ -z "$PYTHON312" ]] || ! "$PYTHON312" -c "" 2> /dev/null; then
+    echo "rehearse_image: no working Python 3.12 (PYTHON312=${PYTHON312:-}); set PYTHON312" >&2
+    exit 1
+  fi
+  "$PYTHON312" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   REQS=$(mktemp)
   "$VENV/bin/python" -m pip install -q packaging
