@@ -7,7 +7,11 @@ typical PASCAL image, which the pipeline augments and pads to the 512x512 traini
 
   python -m benchmarks.input_pipeline                      # NYUD 480x640, workers 0 and 2
   python -m benchmarks.input_pipeline --dataset pascal     # PASCAL-Context 512x512
+  python -m benchmarks.input_pipeline --workers 0 --read-threads 1 2 4
   python -m benchmarks.input_pipeline --height 48 --width 64 --steps 3 --workers 0
+
+Every combination of --workers and --read-threads is timed (read threads run the reads and the
+transforms of each process: with 0 workers, the threads of the training process itself).
 """
 
 import argparse
@@ -48,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--steps", type=int, default=20, help="timed batches per setting")
   parser.add_argument("--warmup", type=int, default=2, help="untimed batches first")
   parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+  parser.add_argument("--read-threads", type=int, nargs="+", default=[-1],
+                      help="dataset.read_threads values (-1, the default: one per core, at most "
+                           "8, shared among the workers)")
   parser.add_argument("--num-train", type=int, default=32, help="synthetic frames to write")
   parser.add_argument("--data-dir", default="",
                       help="an existing NYUD_MT / PASCAL_MT folder instead")
@@ -79,10 +86,13 @@ def main(argv: Sequence[str] | None = None) -> int:
       pipeline.num_examples(cfg, cfg.train_split)
       print(f"prepared the array_record copy in {time.perf_counter() - start:.1f} s")
     for workers in args.workers:
-      cfg.num_workers = workers
-      rate = measure(cfg, args.batch_size, args.steps, args.warmup)
-      print(f"{args.dataset.upper()} train pipeline {height}x{width}, batch {args.batch_size}, "
-            f"augment={cfg.augment}, workers={workers}: {rate:.1f} images/s")
+      for threads in args.read_threads:
+        cfg.num_workers, cfg.read_threads = workers, threads
+        rate = measure(cfg, args.batch_size, args.steps, args.warmup)
+        print(f"{args.dataset.upper()} train pipeline {height}x{width}, batch {args.batch_size}, "
+              f"augment={cfg.augment}, read_threads={pipeline.read_threads(cfg)}, "
+              f"workers={workers}: "
+              f"{rate:.1f} images/s", flush=True)
   return 0
 
 

@@ -49,7 +49,10 @@ def get_dataset_config(name: str) -> ml_collections.ConfigDict:
         max_rotation (degrees) and scale_range (continuous scale about the centre).
       num_workers: grain worker processes (0 = in the main process).
       worker_buffer_size: batches each worker keeps ready.
-      read_threads: threads per process producing batches.
+      read_threads: threads per process producing batches, each one batch at a time (reading,
+        decoding and augmenting; the decoders and resizes release the GIL), so on a host
+        with many cores they add throughput without worker processes; -1: the host's cores
+        shared among the processes, at most 8 (pipeline.read_threads).
       max_eval_examples: evaluate on the first N examples only (-1 = all).
 
   Raises:
@@ -73,6 +76,6 @@ def get_dataset_config(name: str) -> ml_collections.ConfigDict:
       **_AUGMENT[name],
       "num_workers": 0,
       "worker_buffer_size": 2,
-      "read_threads": 2,
+      "read_threads": -1,
       "max_eval_examples": -1,
   })

@@ -70,9 +70,32 @@ def augment_params(cfg: ml_collections.ConfigDict) -> transforms.AugmentParams |
       scale_range=tuple(float(s) for s in cfg.get("scale_range", defaults.scale_range)))
 
 
+_MAX_AUTO_READ_THREADS = 8
+
+
+def read_threads(cfg: ml_collections.ConfigDict) -> int:
+  """The threads of each process producing batches: cfg.read_threads, or with -1 (the default)
+  the host's cores shared among the worker processes (all of them with none), at most 8.
+
+  Raises:
+    ValueError: read_threads is neither -1 nor a positive count.
+  """
+  value = cfg.get("read_threads", -1)
+  if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value != -1):
+    raise ValueError(f"dataset.read_threads must be a positive number of threads or -1 (one per "
+                     f"core, at most {_MAX_AUTO_READ_THREADS}), got {value!r}")
+  if value > 0:
+    return value
+  processes = max(1, int(cfg.get("num_workers", 0)))
+  return max(1, min(_MAX_AUTO_READ_THREADS, (os.cpu_count() or 1) // processes))
+
+
 def _read_options(cfg: ml_collections.ConfigDict) -> grain.ReadOptions:
-  threads = max(1, int(cfg.get("read_threads", 2)))
-  return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=_READ_PREFETCH_BATCHES)
+  threads = read_threads(cfg)
+  # grain's threads each produce one element (here a whole batch) of the prefetch buffer, so a
+  # buffer smaller than the thread count would leave threads idle.
+  return grain.ReadOptions(num_threads=threads,
+                           prefetch_buffer_size=max(_READ_PREFETCH_BATCHES, threads))
 
 
 def _with_workers(ds: grain.IterDataset, cfg: ml_collections.ConfigDict) -> grain.IterDataset:

@@ -219,6 +219,41 @@ def test_tests_phase_keeps_the_report_of_a_failure_when_pytest_is_killed(tmp_pat
   assert "TIMED OUT" in text and "AssertionError: planted failure" in text, text
 
 
+def test_pipeline_phase_times_each_setting_and_keeps_figures_past_a_failure(tmp_path,
+                                                                            monkeypatch):
+  log = tmp_path / "pipeline.log"
+  rows = gpu_check.pipeline_phase(tiny=True, timeout_s=120, log=log)
+  assert [(r["read_threads"], r["workers"]) for r in rows[0]["rates"]] == [(1, 0), (2, 0)]
+  assert all(r["images_per_s"] > 0 for r in rows[0]["rates"]) and "error" not in rows[0]
+  bench = [{"dataset": "nyud", "framework": "jax", "group": "nyud", "images_per_s": 1e9}]
+  line = gpu_check.format_pipeline(rows, bench)
+  assert "images/s with 0 workers, 2 threads" in line and "FALLS BEHIND" in line, line
+
+  # At the paper's sizes: threads in the training process first (NYUD, then PASCAL), then
+  # worker processes; a run that times out (the H200's 14 workers) loses only its own figures.
+  commands = []
+
+  def fake_run(cmd, timeout_s, env, log_path):
+    commands.append(cmd)
+    if cmd[cmd.index("--workers") + 1] != "0":
+      return None, "prepared the array_record copy in 1.0 s"
+    return 0, "\n".join(f"X train pipeline, read_threads={t}, workers=0: 50.0 images/s"
+                        for t in cmd[cmd.index("--read-threads") + 1:cmd.index("--steps")])
+
+  monkeypatch.setattr(gpu_check, "run_limited", fake_run)
+  monkeypatch.setattr(gpu_check.os, "cpu_count", lambda: 16)
+  rows = gpu_check.pipeline_phase(tiny=False, timeout_s=600, log=log)
+  settings = [(c[c.index("--dataset") + 1], c[c.index("--workers") + 1],
+               c[c.index("--read-threads") + 1:c.index("--steps")]) for c in commands]
+  assert settings == [("nyud", "0", ["2", "8"]), ("pascal", "0", ["2", "8"]),
+                      ("nyud", "8", ["2"]), ("pascal", "8", ["2"])]
+  assert [r["dataset"] for r in rows] == ["nyud", "pascal"]
+  for row in rows:
+    assert [(r["read_threads"], r["workers"]) for r in row["rates"]] == [(2, 0), (8, 0)]
+    assert row["error"] == "workers 8: timed out"
+  assert "ERROR workers 8: timed out" in gpu_check.format_pipeline(rows, bench)
+
+
 def test_profile_summary_reads_a_real_trace(tmp_path):
   f = jax.jit(lambda x: jnp.tanh(x @ x).sum())
   x = jnp.ones((256, 256))

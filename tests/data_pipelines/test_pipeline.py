@@ -1,5 +1,8 @@
 """Synthetic folder -> tfds builder -> grain pipelines: batch format, order, determinism, resuming."""
 
+import re
+import threading
+import time
 import warnings
 
 import grain
@@ -11,6 +14,7 @@ from data_pipelines import config as config_lib
 from data_pipelines import io_utils
 from data_pipelines import pipeline
 from data_pipelines import synthetic
+from data_pipelines import transforms
 
 SIZE = (32, 48)
 NUM_TRAIN, NUM_VAL = 10, 5
@@ -219,11 +223,59 @@ def test_worker_processes_give_the_same_batches_and_resume(dataset):
     resumed.close()
 
 
+def test_read_threads_run_concurrently_and_give_the_same_batches(dataset, monkeypatch):
+  """dataset.read_threads threads each produce a batch at the same time (grain's prefetch buffer
+  holds at least as many batches as there are threads), in the single-threaded order."""
+  name, cfg = dataset
+  reference = take(iter(pipeline.create_train_dataset(cfg, 1, seed=4)), 8)
+  lock, active, most = threading.Lock(), [0], [0]
+  transform = transforms.TrainTransform.random_map
+
+  def slow_transform(self, element, rng):
+    with lock:
+      active[0] += 1
+      most[0] = max(most[0], active[0])
+    time.sleep(0.05)  # sleeps release the GIL, as the decoders and resizes do
+    try:
+      return transform(self, element, rng)
+    finally:
+      with lock:
+        active[0] -= 1
+
+  monkeypatch.setattr(transforms.TrainTransform, "random_map", slow_transform)
+  threaded = make_config(name, cfg.data_dir, read_threads=4)
+  assert_batches_equal(take(iter(pipeline.create_train_dataset(threaded, 1, seed=4)), 8),
+                       reference)
+  assert most[0] == 4
+
+
+def test_read_threads_default_to_the_cores_shared_among_the_processes(monkeypatch):
+  cfg = config_lib.get_dataset_config("nyud")
+  assert cfg.read_threads == -1
+  monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 16)
+  assert pipeline.read_threads(cfg) == 8  # at most 8
+  cfg.num_workers = 4
+  assert pipeline.read_threads(cfg) == 4  # 16 cores among 4 worker processes
+  monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 2)
+  assert pipeline.read_threads(cfg) == 1
+  cfg.num_workers = 0
+  assert pipeline.read_threads(cfg) == 2
+  monkeypatch.setattr(pipeline.os, "cpu_count", lambda: None)  # unknown: one thread
+  assert pipeline.read_threads(cfg) == 1
+  cfg.read_threads = 3
+  assert pipeline.read_threads(cfg) == 3
+  for bad in (0, -2):
+    cfg.read_threads = bad
+    with pytest.raises(ValueError, match=rf"dataset.read_threads must be .* got {bad}"):
+      pipeline.read_threads(cfg)
+
+
 def test_input_pipeline_benchmark_smoke(capsys):
   from benchmarks import input_pipeline  # pylint: disable=g-import-not-at-top
   assert input_pipeline.main(["--height", "24", "--width", "32", "--steps", "2", "--warmup", "1",
-                              "--batch-size", "2", "--num-train", "4", "--workers", "0"]) == 0
+                              "--batch-size", "2", "--num-train", "4", "--workers", "0",
+                              "--read-threads", "1", "3"]) == 0
   out = capsys.readouterr().out
   assert "wrote 4 synthetic 24x32 frames" in out
-  rate = float(out.split("workers=0: ")[1].split(" images/s")[0])
-  assert rate > 0
+  rates = dict(re.findall(r"read_threads=(\d+), workers=0: ([\d.]+) images/s", out))
+  assert set(rates) == {"1", "3"} and all(float(r) > 0 for r in rates.values())
