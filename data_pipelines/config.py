@@ -51,8 +51,8 @@ def get_dataset_config(name: str) -> ml_collections.ConfigDict:
       worker_buffer_size: batches each worker keeps ready.
       read_threads: threads per process producing batches, each one batch at a time (reading,
         decoding and augmenting; the decoders and resizes release the GIL), so on a host
-        with many cores they add throughput without worker processes; -1: the host's cores
-        shared among the processes, at most 8 (pipeline.read_threads).
+        with many cores they add throughput without worker processes; -1: the cores this
+        process may use, shared among the worker processes, at most 8 (pipeline.read_threads).
       max_eval_examples: evaluate on the first N examples only (-1 = all).
 
   Raises:

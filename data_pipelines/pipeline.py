@@ -87,7 +87,15 @@ def read_threads(cfg: ml_collections.ConfigDict) -> int:
   if value > 0:
     return value
   processes = max(1, int(cfg.get("num_workers", 0)))
-  return max(1, min(_MAX_AUTO_READ_THREADS, (os.cpu_count() or 1) // processes))
+  return max(1, min(_MAX_AUTO_READ_THREADS, available_cores() // processes))
+
+
+def available_cores() -> int:
+  """The cores this process may run on (its CPU affinity where the OS has one, as in a container
+  pinned to some cores; else all of the machine's)."""
+  if hasattr(os, "sched_getaffinity"):
+    return max(1, len(os.sched_getaffinity(0)))
+  return os.cpu_count() or 1
 
 
 def _read_options(cfg: ml_collections.ConfigDict) -> grain.ReadOptions:

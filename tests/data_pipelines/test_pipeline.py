@@ -1,5 +1,6 @@
 """Synthetic folder -> tfds builder -> grain pipelines: batch format, order, determinism, resuming."""
 
+import os
 import re
 import threading
 import time
@@ -252,22 +253,33 @@ def test_read_threads_run_concurrently_and_give_the_same_batches(dataset, monkey
 def test_read_threads_default_to_the_cores_shared_among_the_processes(monkeypatch):
   cfg = config_lib.get_dataset_config("nyud")
   assert cfg.read_threads == -1
-  monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 16)
+  assert 1 <= pipeline.available_cores() <= (os.cpu_count() or 1)
+  monkeypatch.setattr(pipeline, "available_cores", lambda: 16)
   assert pipeline.read_threads(cfg) == 8  # at most 8
   cfg.num_workers = 4
   assert pipeline.read_threads(cfg) == 4  # 16 cores among 4 worker processes
-  monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 2)
+  monkeypatch.setattr(pipeline, "available_cores", lambda: 2)
   assert pipeline.read_threads(cfg) == 1
   cfg.num_workers = 0
   assert pipeline.read_threads(cfg) == 2
-  monkeypatch.setattr(pipeline.os, "cpu_count", lambda: None)  # unknown: one thread
-  assert pipeline.read_threads(cfg) == 1
   cfg.read_threads = 3
   assert pipeline.read_threads(cfg) == 3
   for bad in (0, -2):
     cfg.read_threads = bad
     with pytest.raises(ValueError, match=rf"dataset.read_threads must be .* got {bad}"):
       pipeline.read_threads(cfg)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this OS")
+def test_read_threads_follow_the_cores_a_pinned_process_may_use():
+  cfg = config_lib.get_dataset_config("nyud")
+  allowed = os.sched_getaffinity(0)
+  try:
+    os.sched_setaffinity(0, {min(allowed)})  # as a container pinned to one core
+    assert pipeline.available_cores() == 1 and pipeline.read_threads(cfg) == 1
+  finally:
+    os.sched_setaffinity(0, allowed)
+  assert pipeline.available_cores() == len(allowed)
 
 
 def test_input_pipeline_benchmark_smoke(capsys):
