@@ -91,8 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rate = measure(cfg, args.batch_size, args.steps, args.warmup)
         print(f"{args.dataset.upper()} train pipeline {height}x{width}, batch {args.batch_size}, "
               f"augment={cfg.augment}, read_threads={pipeline.read_threads(cfg)}, "
-              f"workers={workers}: "
-              f"{rate:.1f} images/s", flush=True)
+              f"workers={workers}: {rate:.1f} images/s", flush=True)
   return 0
 
 

@@ -75,7 +75,8 @@ _MAX_AUTO_READ_THREADS = 8
 
 def read_threads(cfg: ml_collections.ConfigDict) -> int:
   """The threads of each process producing batches: cfg.read_threads, or with -1 (the default)
-  the host's cores shared among the worker processes (all of them with none), at most 8.
+  the cores this process may use (`available_cores`) shared among the worker processes (all of
+  them with none), at most 8.
 
   Raises:
     ValueError: read_threads is neither -1 nor a positive count.

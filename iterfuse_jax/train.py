@@ -606,7 +606,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           summary["images_per_second"] = (step - last_log_step) * config.batch_size / elapsed
           # The steps are dispatched asynchronously, so the loop waits for the device only when
           # it reads results; the share of the wall time it spent getting batches says whether
-          # the input pipeline keeps ahead (near 1: it does not; raise dataset.read_threads or num_workers).
+          # the input pipeline keeps ahead (near 1: it does not; raise dataset.read_threads or
+          # dataset.num_workers).
           summary["input_fraction"] = min(1.0, input_s / max(elapsed, 1e-9))
           writer.write_scalars(step, summary)
           bar.set_postfix({"loss": f"{summary['loss/total']:.3f}",
