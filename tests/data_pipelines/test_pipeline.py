@@ -236,7 +236,7 @@ def test_read_threads_run_concurrently_and_give_the_same_batches(dataset, monkey
     with lock:
       active[0] += 1
       most[0] = max(most[0], active[0])
-    time.sleep(0.05)  # sleeps release the GIL, as the decoders and resizes do
+    time.sleep(0.2)  # sleeps release the GIL, as the decoders and resizes do
     try:
       return transform(self, element, rng)
     finally:
