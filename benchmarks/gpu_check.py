@@ -751,10 +751,9 @@ def pipeline_phase(tiny: bool, timeout_s: float, log: pathlib.Path) -> list[dict
   else:
     threads = ["2", str(max(2, min(8, cores)))]
     workers = str(max(1, min(8, cores - 2)))
-    settings = [(dataset, h, w, ["0"], threads, common)
-                for dataset, h, w in (("nyud", 480, 640), ("pascal", 512, 512))]
-    settings += [(dataset, h, w, [workers], ["2"], common)
-                 for dataset, h, w in (("nyud", 480, 640), ("pascal", 512, 512))]
+    sizes = [(dataset, *train_step.DEFAULT_SIZES[dataset]) for dataset in ("nyud", "pascal")]
+    settings = [(dataset, h, w, ["0"], threads, common) for dataset, h, w in sizes]
+    settings += [(dataset, h, w, [workers], ["2"], common) for dataset, h, w in sizes]
   rows = {}  # dataset: row
   start = time.perf_counter()
   for dataset, h, w, workers, threads, extra in settings:
@@ -790,7 +789,7 @@ def format_pipeline(rows: list[dict], bench: list[dict]) -> str:
     need = [r["images_per_s"] for r in bench if r.get("dataset") == p["dataset"]
             and r.get("framework") == "jax" and "images_per_s" in r and r.get("group") != "fullres"]
     text = ", ".join(f"{r['images_per_s']:.1f} images/s with {r['workers']} workers, "
-                     f"{r.get('read_threads', 2)} threads" for r in p.get("rates", []))
+                     f"{r['read_threads']} threads" for r in p.get("rates", []))
     line = (f"input pipeline {p['dataset']} {p.get('height')}x{p.get('width')} "
             f"({p.get('cores')} cores): {text or '-'}")
     if need and p.get("rates"):

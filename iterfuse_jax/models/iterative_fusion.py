@@ -142,16 +142,14 @@ def iterative_fusion(co: jax.Array, v: jax.Array, alpha: jax.Array, n_iter: int,
 
 
 def _autodiff_ifb(co, v, alpha, n_iter, variant, product_dtype):
-  out_dtype = v.dtype
   acc = accumulation_dtype(jnp.promote_types(co.dtype, v.dtype))
   alpha = alpha.astype(acc)
 
   def body(_, v_t):
     if product_dtype == acc:
-      attended = jnp.einsum("bij,bjc->bic", co.astype(acc), v_t.astype(acc))
-    else:
-      attended = mixed_precision_product(co, v_t, product_dtype)
-    return ifb_update(attended, v_t.astype(acc), alpha, variant).astype(out_dtype)
+      return _ifb_step(co.astype(acc), v_t, alpha, variant, acc)
+    attended = mixed_precision_product(co, v_t, product_dtype)
+    return ifb_update(attended, v_t.astype(acc), alpha, variant).astype(v_t.dtype)
 
   return jax.lax.fori_loop(0, n_iter, body, v)
 
