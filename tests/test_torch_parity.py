@@ -222,8 +222,14 @@ def test_float32_step_matches_within_float32_rounding(dataset):
   # Single tensors: measured up to 1.3e-2 (cancelling sums, e.g. BatchNorm biases deep in the
   # backbone; PyTorch's multithreaded sums vary from run to run). The per-tensor bound here only
   # guards against a gross mistake (a mix-up gives ~1); per-tensor equality is the float64 test's.
+  # Adam's first step takes the sign of each element's gradient, so elements whose gradient
+  # rounding can flip move the other way: how many depends on the CPU's kernels (XNNPACK / oneDNN
+  # pick their summation order by instruction set). Measured: under 1e-4 of the elements on the
+  # machines before 2026-11-27; 1.4e-4 (NYUD, 1715 elements) and 2.2e-4 (PASCAL, 4623) on a 2-core
+  # AMD EPYC with AVX2 and no AVX-512, where the flipped elements' gradients are up to 0.07 and
+  # 0.11 of their tensor's RMS. A mix-up of tensors flips about half.
   check_parity(result, output_tol=1e-4, loss_tol=1e-5, grad_tol=5e-3,
-               per_tensor_grad_tol=5e-2, stats_tol=1e-4, update_tol=5e-3, max_flipped=1e-4)
+               per_tensor_grad_tol=5e-2, stats_tol=1e-4, update_tol=5e-3, max_flipped=1e-3)
 
 
 def test_port_weight_mapping_is_complete_and_strict():
