@@ -16,10 +16,13 @@ recorded as such and the others go on:
             need; a large matmul's TFLOP/s in bf16, TF32 and float32 (the achievable peak).
   tests     pytest with ITERFUSE_TEST_PLATFORM=gpu on the GPU-relevant tests (precision, IFB and
             streamed IFB with the cuDNN path, losses, metrics, OOM message, a train step, bf16),
+            in several processes (pytest-xdist; without autotuning, as the tests check results),
             one line per test in tests.log, counts in the summary.
-  bench     benchmarks.train_step rows, one subprocess each, most important first (PLAN). JAX
-            rows are compiled ahead in parallel while the tests run, into a persistent
-            compilation cache, so that the timed rows run one at a time and only load it. Model
+  bench     benchmarks.train_step rows, one subprocess each, most important first (PLAN), one at
+            a time on an otherwise idle machine. The JAX rows share a persistent compilation
+            cache, and with it XLA's per-kernel autotuning results (--precompile N compiles
+            them ahead, N at a time, while the tests run; the H200's first visit showed that
+            compiles then slow each other down, hence 0 by default). Model
             FLOPs per step (3x the forward FLOPs of `iterfuse_jax.compare.model_cost`, counted on
             the CPU meanwhile) over the step time, as a fraction of the GPU's dense peak for the
             row's arithmetic; the projected wall time of the paper's full runs; the issue's
@@ -45,6 +48,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import importlib.util
 import json
 import os
 import pathlib
@@ -74,18 +78,20 @@ DATASHEET_TFLOPS = {
 }
 # The paper's full runs: 100 epochs of the training split, whole batches of 8 (REFERENCE.md).
 FULL_RUN_EPOCHS = 100
-# The GPU-relevant tests, most important first (pytest runs them in this order).
+# The GPU-relevant tests, most important first (pytest hands them to its processes in this
+# order); the files of the three longest on a CPU (215, 80 and 59 s of the 834 s these take on 2
+# cores) come early so that they do not finish last.
 GPU_TESTS = (
     "tests/test_precision.py",
+    "tests/test_train.py::test_bfloat16_trains_like_float32",
+    "tests/models/test_network.py",
+    "tests/test_out_of_memory.py",
     "tests/models/test_iterative_fusion.py",
     "tests/models/test_streamed_fusion_gpu.py",
     "tests/models/test_streamed_fusion.py",
     "tests/test_losses.py",
     "tests/test_metrics.py",
-    "tests/test_out_of_memory.py",
-    "tests/test_train.py::test_bfloat16_trains_like_float32",
     "tests/test_train.py::test_adam_adds_l2_decay_to_the_gradient",
-    "tests/models/test_network.py",
     "tests/models/test_hrnet.py",
     "tests/test_determinism.py",
 )
@@ -114,6 +120,9 @@ class Row:
   # are precompiled into), NO_CACHE (it compiles and autotunes for itself), or any other name: a
   # cache of the visit's rows of that name, empty at the first (a killed run and its resumption).
   cache: str = SHARED_CACHE
+  # XLA_FLAGS of the row's process, added to the visit's own (a row with flags of its own is not
+  # precompiled: JAX's cache key includes them).
+  xla_flags: str = ""
 
 
 def _shape(dataset: str, tiny: bool) -> dict:
@@ -130,9 +139,9 @@ def plan(tiny: bool, profile_dir: str, torch_device: str = "auto") -> list[Row]:
   """The rows of a visit, most important first. bfloat16 rows run the f32 rest in TF32."""
   rows = []
 
-  def add(group, label, cap_s, min_s, cache=SHARED_CACHE, **kwargs):
+  def add(group, label, cap_s, min_s, cache=SHARED_CACHE, xla_flags="", **kwargs):
     rows.append(Row(group, label, Setting(variant="C", torch_device=torch_device, **kwargs),
-                    cap_s, min_s, cache))
+                    cap_s, min_s, cache, xla_flags))
 
   jax_cap, eager_cap, compile_cap = (240, 120, 300) if tiny else (150, 120, 270)
   # torch.compile's NYUD row took 176 s on the H200 (compiling, then 12 steps): one started with
@@ -151,6 +160,13 @@ def plan(tiny: bool, profile_dir: str, torch_device: str = "auto") -> list[Row]:
       dtype="bfloat16", precision="tf32", ifb_gradient="autodiff", **nyud)
   add("nyud", "PT compile bf16", compile_cap, compile_min, framework="torch",
       impl="materialized", dtype="bfloat16", precision="tf32", torch_mode="compile", **nyud)
+  # Where the JAX compile's time goes (85 s for this step on the H200's first visit; 57 s on a
+  # 2-core CPU, 11 of them tracing and lowering): the same step compiled by a process of its own
+  # without autotuning (cuDNN's and XLA's heuristic choice of kernels), its compile time and its
+  # step time against the row above.
+  add("nyud", "JAX bf16 autotune 0", jax_cap, 30, cache=NO_CACHE,
+      xla_flags="--xla_gpu_autotune_level=0", framework="jax", impl="materialized",
+      dtype="bfloat16", precision="tf32", **nyud)
   add("nyud", "JAX f32 TF32", jax_cap, 30, framework="jax", impl="materialized", dtype="float32",
       precision="tf32", **nyud)
   add("nyud", "PT eager f32 TF32", eager_cap, 30, framework="torch", impl="materialized",
@@ -418,9 +434,15 @@ def format_env(env: dict) -> str:
 
 
 def tests_phase(targets: Sequence[str], timeout_s: float, log: pathlib.Path,
-                platform: str) -> dict:
+                platform: str, workers: int = 1) -> dict:
+  """pytest on `targets`; with workers > 1 (and pytest-xdist installed) in that many processes,
+  each its own JAX client on the GPU (the tests' conftest turns preallocation off)."""
+  if workers > 1 and importlib.util.find_spec("xdist") is None:
+    workers = 1
   cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-rfE",
          "--color=no", "--report-failures-at-once", *targets]
+  if workers > 1:
+    cmd[3:3] = ["-n", str(workers)]
   env = child_env(ITERFUSE_TEST_PLATFORM=platform)
   if platform == "gpu":
     # The tests check results, not speed: without autotuning each of their many small compiles
@@ -428,9 +450,11 @@ def tests_phase(targets: Sequence[str], timeout_s: float, log: pathlib.Path,
     env["XLA_FLAGS"] = " ".join(f for f in (env.get("XLA_FLAGS", ""), TESTS_XLA_FLAGS) if f)
   start = time.perf_counter()
   rc, out = run_limited(cmd, timeout_s, env, log)
-  # pytest -v: "tests/x.py::test_y[a b] PASSED   [ 10%]", one line per test as it finishes.
-  finished = re.findall(r"^tests/\S.*?::.*? (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b", out,
-                        re.MULTILINE)
+  # pytest -v: "tests/x.py::test_y[a b] PASSED   [ 10%]", one line per test as it finishes;
+  # with xdist: "[gw1] [ 10%] PASSED tests/x.py::test_y[a b]".
+  outcome = "(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)"
+  finished = re.findall(rf"^tests/\S.*?::.*? {outcome}\b", out, re.MULTILINE)
+  finished += re.findall(rf"^\[gw\d+\] \[\s*\d+%\] {outcome} tests/", out, re.MULTILINE)
   outcomes = {o.lower(): finished.count(o)
               for o in ("PASSED", "FAILED", "ERROR", "SKIPPED", "XFAIL", "XPASS")}
   summary_lines = [l for l in out.splitlines() if re.match(r"^=+ .*(passed|failed|error).* =+$", l)]
@@ -439,7 +463,7 @@ def tests_phase(targets: Sequence[str], timeout_s: float, log: pathlib.Path,
   reports = {m.group(1): m.group(2) for m in re.finditer(
       r"^---- (\S+) failed \(\w+\):\n(.*?)\n----$", out, re.MULTILINE | re.DOTALL)}
   failed += [name for name in reports if name not in failed]
-  return {"targets": list(targets), "platform": platform, "exit": rc,
+  return {"targets": list(targets), "platform": platform, "workers": workers, "exit": rc,
           "timed_out": rc is None, "seconds": time.perf_counter() - start, **outcomes,
           "summary": summary_lines[-1].strip("= ") if summary_lines else None,
           "failed_tests": failed, "failure_reports": reports}
@@ -448,7 +472,8 @@ def tests_phase(targets: Sequence[str], timeout_s: float, log: pathlib.Path,
 def format_tests(t: dict) -> str:
   if "skipped_phase" in t:
     return f"tests: not run ({t['skipped_phase']})"
-  head = (f"tests (ITERFUSE_TEST_PLATFORM={t['platform']}, {t['seconds']:.0f} s): "
+  processes = f", {t['workers']} processes" if t.get("workers", 1) > 1 else ""
+  head = (f"tests (ITERFUSE_TEST_PLATFORM={t['platform']}{processes}, {t['seconds']:.0f} s): "
           f"{t['passed']} passed, {t['failed']} failed, {t['error']} errors, "
           f"{t['skipped']} skipped")
   if t["timed_out"]:
@@ -503,7 +528,8 @@ def start_flops_count(rows: Sequence[Row], timeout_s: float, pool) -> concurrent
 def precompile(rows: Sequence[Row], env: dict[str, str], deadline_s: float, workers: int,
                log: pathlib.Path) -> dict[str, dict]:
   """Compiles the JAX rows in parallel into the persistent cache; {label: result or error}."""
-  jax_rows = [r for r in rows if r.setting.framework == "jax" and r.cache == SHARED_CACHE]
+  jax_rows = [r for r in rows if r.setting.framework == "jax" and r.cache == SHARED_CACHE
+              and not r.xla_flags]
   results = {}
   if not jax_rows or workers < 1:
     return results
@@ -540,7 +566,10 @@ def _row_line(result: dict) -> str:
   if result.get("peak_bytes"):
     parts.append(f"peak {result['peak_bytes'] / 2 ** 30:.1f} GiB")
   if result.get("compile_s"):
-    parts.append(f"compile {result['compile_s']:.0f} s")
+    parts.append(f"compile {result['compile_s']:.0f} s"
+                 + (f" (lowering {result['lower_s']:.0f} s)" if "lower_s" in result else ""))
+  if result.get("init_s") is not None:
+    parts.append(f"init {result['init_s']:.0f} s")
   if result.get("first_step_s") is not None:
     parts.append(f"first step {result['first_step_s']:.1f} s")
   return ", ".join(parts)
@@ -568,6 +597,10 @@ def run_rows(rows: Sequence[Row], clock: Clock, env: dict[str, str], log: pathli
         own_caches[row.cache] = tempfile.mkdtemp(prefix=f"iterfuse_jax_cache_{row.cache}_")
       row_env = dict(uncached_env, JAX_COMPILATION_CACHE_DIR=own_caches[row.cache],
                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    if row.xla_flags:
+      base["xla_flags"] = row.xla_flags
+      row_env = dict(row_env, XLA_FLAGS=" ".join(
+          f for f in (row_env.get("XLA_FLAGS", ""), row.xla_flags) if f))
     if row.setting.torch_mode == "compile" and not allow_torch_compile:
       results.append({**base, "skipped": "torch.compile rows are not run on a CPU dry run"})
     elif left < row.min_s:
@@ -577,7 +610,7 @@ def run_rows(rows: Sequence[Row], clock: Clock, env: dict[str, str], log: pathli
       result = train_step._measure_in_subprocess(  # pylint: disable=protected-access
           row.setting, timeout_s=min(row.cap_s, left), log_path=str(log),
           env=row_env)
-      results.append({**result, "group": row.group, "label": row.label, "cache": row.cache})
+      results.append({**result, **base})
       print(f"[{clock.elapsed():5.0f} s]   {_row_line(result)}", flush=True)
     if on_row is not None:
       on_row(results)
@@ -678,6 +711,32 @@ def targets(results: list[dict], tiny: bool) -> list[str]:
   return out
 
 
+def compile_verdict(results: list[dict]) -> str:
+  """Where the NYUD bf16 step's compile time goes (tracing and lowering in Python, then XLA), and
+  what autotuning costs and buys: the step compiled with XLA's defaults against the same step
+  compiled without autotuning."""
+  rows = {r["label"]: r for r in results if r.get("group") == "nyud" and "step_s" in r}
+  lines = ["compile of the NYUD bf16 train step:"]
+  xla_s, step_s = {}, {}
+  for name, label in (("XLA defaults", "JAX bf16"), ("without autotuning", "JAX bf16 autotune 0")):
+    r = rows.get(label)
+    if r is None or "lower_s" not in r:
+      lines.append(f"  {name}: not measured")
+      continue
+    # A precompiled row loaded its executable; its own lowering still ran in full.
+    total = r.get("precompile_s", r["compile_s"])
+    xla_s[name], step_s[name] = total - r["lower_s"], r["step_s"]
+    lines.append(f"  {name} ({label}): {total:.1f} s = {r['lower_s']:.1f} s tracing and lowering "
+                 f"+ {xla_s[name]:.1f} s in XLA"
+                 + (" (compiled ahead, during the tests)" if "precompile_s" in r else "")
+                 + f"; step {r['step_s'] * 1e3:.1f} ms; initialisation {r['init_s']:.1f} s")
+  if len(xla_s) == 2:
+    fast, slow = xla_s["without autotuning"], xla_s["XLA defaults"]
+    lines.append(f"  without autotuning: XLA's part {fast / max(slow, 1e-9):.2f}x, the step "
+                 f"{step_s['without autotuning'] / step_s['XLA defaults']:.3f}x the defaults'")
+  return "\n".join(lines)
+
+
 def full_resolution_verdict(results: list[dict]) -> str:
   """What the sc = 1 rows showed: streamed must run, materialized must fail naming streamed."""
   by_impl = {r["impl"]: r for r in results if r["group"] == "fullres"}
@@ -726,8 +785,10 @@ def format_table(results: list[dict]) -> str:
                  f"{compile_s:9.1f} {r['peak_bytes'] / 2**30:8.2f} {tflops} {frac} "
                  f"{r['projected_full_run_min']:12.1f}")
   lines.append(
-      "img/s: batch / median step; compile s: JAX lower+compile (run ahead in parallel with the "
-      "tests, so an upper bound), torch.compile: first step less a step, eager: 0; peak: JAX "
+      "img/s: batch / median step; compile s: JAX lower+compile in the row's process (rows "
+      "after the first reuse the visit's XLA autotuning results of the kernels they share; "
+      "with --precompile, compiled ahead during the tests, an upper bound), torch.compile: "
+      "first step less a step, eager: 0; peak: JAX "
       "peak_bytes_in_use / torch max_memory_allocated (CPU: XLA plan / max RSS); TFLOP/s: model "
       "FLOPs (3x forward, iterfuse_jax.compare) per second; %peak: of the data sheet's dense "
       "bf16 / TF32 / f32 peak for the row's arithmetic; full run: 100 epochs of the training "
@@ -874,11 +935,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help=f"benchmark row groups, comma-separated: {GROUPS}")
   parser.add_argument("--rows", default="", help="only these rows: comma-separated labels "
                       "('JAX bf16') or group-qualified labels ('pascal: JAX bf16')")
-  parser.add_argument("--tests-s", type=float, default=150.0, help="limit of the tests phase")
-  parser.add_argument("--precompile", type=int, default=1,
+  parser.add_argument("--from-row", default="", help="start the plan at this row ('nyud: PT "
+                      "compile bf16'): a second command goes on where the first stopped")
+  parser.add_argument("--tests-s", type=float, default=200.0, help="limit of the tests phase")
+  parser.add_argument("--tests-workers", type=int, default=-1,
+                      help="pytest processes of the tests phase (pytest-xdist); -1: a quarter of "
+                      "the cores, at most 4, on a GPU (their many small compilations run side by "
+                      "side), 2 on a dry run")
+  parser.add_argument("--precompile", type=int, default=0,
                       help="JAX rows compiled ahead at a time, during the tests (0: each row "
-                      "compiles itself). On the H200 one compile of the NYUD step took 85 s "
-                      "alone; four at once all ran past 150 s")
+                      "compiles itself, alone on the machine, so that its compile time is its "
+                      "own and autotuning times kernels on an idle GPU). On the H200 one "
+                      "compile of the NYUD step took 85 s alone; four at once all ran past 150 s")
   parser.add_argument("--torch-device", choices=("auto", "cpu", "cuda"), default="auto")
   args = parser.parse_args(argv)
 
@@ -923,6 +991,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = [r for r in rows if r.label in wanted or _key(r) in wanted]
     if not rows:
       parser.error(f"--rows {args.rows!r} names no planned row")
+  if args.from_row:
+    keys = [_key(r) for r in rows]
+    if args.from_row not in keys:
+      parser.error(f"--from-row {args.from_row!r} is not a planned row of the groups asked for; "
+                   f"expected one of {keys}")
+    rows = rows[keys.index(args.from_row):]
   if "bench" not in phases:
     rows = []
   cache_dir = tempfile.mkdtemp(prefix="iterfuse_jax_cache_")
@@ -943,8 +1017,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       args.precompile, outdir / "rows.log")
     if "tests" in phases:
       targets_ = TINY_TESTS if args.tiny else GPU_TESTS
+      workers = args.tests_workers
+      if workers < 0:
+        workers = 2 if args.tiny else max(1, min(4, (os.cpu_count() or 1) // 4))
       tests = tests_phase(targets_, tests_deadline, outdir / "tests.log",
-                          "cpu" if args.tiny else "gpu")
+                          "cpu" if args.tiny else "gpu", workers)
     else:
       tests = {"skipped_phase": "not asked for (--phases)"}
     results["tests"] = tests
@@ -980,6 +1057,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       for line in targets(bench, args.tiny):
         say(line)
       say(full_resolution_verdict(bench))
+      say(compile_verdict(bench))
       if any(r.group == "determinism" for r in rows):
         say(rerun_verdict(bench))
       for r in bench:

@@ -29,12 +29,13 @@ keeps the materialized IFB's products in float32 under bfloat16 (`model.tpim.ifb
 default they take the model's dtype, as the PyTorch port's do under autocast).
 `benchmarks/gpu_check.py` drives this module's rows on a GPU machine with time limits (`_measure_in_subprocess`).
 
-Figures per row: compile time (JAX: lower + compile; PyTorch eager: 0; torch.compile: first step
-less the median step), first step, a JAX row's state_sha256 (a digest of the parameters and
-BatchNorm statistics after its steps: two runs of one row agree iff they computed the same bits),
-images/s
-(batch / median step time over --steps timed steps after --warmup untimed ones, each step waited
-for with block_until_ready / cuda.synchronize), and peak memory:
+Figures per row: compile time (JAX: lower + compile, and lower_s, the tracing and lowering in
+Python, apart; init_s, the parameters' initialisation, compile included; PyTorch eager: 0;
+torch.compile: first step less the median step), first step, a JAX row's state_sha256 (a digest
+of the parameters and BatchNorm statistics after its steps: two runs of one row agree iff they
+computed the same bits), images/s (batch / median step time over --steps timed steps after
+--warmup untimed ones, each step waited for with block_until_ready / cuda.synchronize), and peak
+memory:
   * GPU: JAX `device.memory_stats()["peak_bytes_in_use"]`, PyTorch
     `torch.cuda.max_memory_allocated()` (both: parameters, optimiser state, batch, activations).
   * CPU: JAX's compile-time plan `memory_analysis()` temp + argument + output - aliased (donated)
@@ -221,8 +222,11 @@ def measure_jax(setting: Setting, compile_only: bool = False) -> dict:
   schedule = train.create_learning_rate_schedule(
       config, train.steps_per_epoch(TRAIN_EXAMPLES[setting.dataset], setting.batch))
   tx = train.create_optimizer(config, schedule)
+  start = time.perf_counter()
   state = train.create_train_state(config, model, tx, jax.random.key(setting.seed),
                                    (1, setting.height, setting.width, 3), mesh)
+  jax.block_until_ready(state)
+  init_s = time.perf_counter() - start  # the initialisation's own compile, and running it
   num_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
   host_batch = random_batch(setting.dataset, tasks, setting.batch, setting.height,
                             setting.width, setting.seed)
@@ -237,7 +241,11 @@ def measure_jax(setting: Setting, compile_only: bool = False) -> dict:
       donate_argnums=(0,), compiler_options=determinism.compiler_options(config))
   start = time.perf_counter()
   try:
-    compiled = jitted.lower(state, batch).compile()
+    lowered = jitted.lower(state, batch)
+    # Tracing and lowering run in Python; the rest is XLA's (on a GPU: fusion, autotuning of
+    # convolutions and GEMMs, kernel compilation).
+    lower_s = time.perf_counter() - start
+    compiled = lowered.compile()
   except jax.errors.JaxRuntimeError as e:
     explained = out_of_memory.explain(e, config)
     if explained is None:
@@ -245,8 +253,9 @@ def measure_jax(setting: Setting, compile_only: bool = False) -> dict:
     raise explained from e
   compile_s = time.perf_counter() - start
   device = jax.devices()[0]
+  phases = {"compile_s": compile_s, "lower_s": lower_s, "init_s": init_s}
   if compile_only:
-    return {**dataclasses.asdict(setting), "compile_s": compile_s,
+    return {**dataclasses.asdict(setting), **phases,
             "device": f"{device.platform}: {device.device_kind}"}
   analysis = compiled.memory_analysis()
   xla_bytes = (analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
@@ -291,7 +300,7 @@ def measure_jax(setting: Setting, compile_only: bool = False) -> dict:
       figures["profile"] = profile_summary.summarize(setting.profile_dir, steps=PROFILE_STEPS)
     except Exception as e:  # noqa: BLE001  # pylint: disable=broad-exception-caught
       figures["profile_error"] = f"{type(e).__name__}: {e}"[:500]
-  return _summary(setting, times or [first_s], compile_s=compile_s, first_step_s=first_s,
+  return _summary(setting, times or [first_s], **phases, first_step_s=first_s,
                   peak_bytes=peak, peak_kind=peak_kind, xla_plan_bytes=xla_bytes, loss=loss,
                   num_params=num_params, device=f"{device.platform}: {device.device_kind}",
                   matmul_precision=jax_precision_name(), state_sha256=digest.hexdigest(),

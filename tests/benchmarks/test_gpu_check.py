@@ -60,7 +60,8 @@ def test_plan_puts_the_nyud_comparison_first_at_the_paper_shapes():
   # Reruns: two identical rows per setting: XLA's defaults without a cache and with a cache of
   # their own, config.deterministic without a cache.
   reruns = [r for r in rows if r.group == "determinism"]
-  assert all(r.cache == gpu_check.SHARED_CACHE for r in rows if r.group != "determinism")
+  assert all(r.cache == gpu_check.SHARED_CACHE for r in rows
+             if r.group != "determinism" and not r.xla_flags)
   by_setting = {}
   for r in reruns:
     by_setting.setdefault((r.setting, r.cache), []).append(r.label)
@@ -69,6 +70,39 @@ def test_plan_puts_the_nyud_comparison_first_at_the_paper_shapes():
   assert all(len(labels) == 2 for labels in by_setting.values())
   assert {(s.height, s.width, s.batch, s.dtype) for s, _ in by_setting} == {
       (480, 640, 8, "bfloat16")}
+
+
+def test_plan_compiles_the_first_row_again_without_autotuning():
+  rows = gpu_check.plan(tiny=False, profile_dir="/tmp/p")
+  (fast,) = [r for r in rows if r.xla_flags]
+  assert fast.xla_flags == "--xla_gpu_autotune_level=0"
+  # Compiled by a process of its own (no cached executable, no autotuning results to load).
+  assert fast.cache == gpu_check.NO_CACHE and fast.group == "nyud"
+  assert fast.setting == dataclasses.replace(rows[0].setting, profile_dir="")
+  assert rows.index(fast) <= 5
+
+
+def test_from_row_goes_on_where_a_first_command_stopped(tmp_path, monkeypatch):
+  seen = []
+
+  def fake_run_rows(rows, *args, **kwargs):
+    seen.extend(gpu_check._key(r) for r in rows)  # pylint: disable=protected-access
+    return []
+
+  def no_flops(rows, timeout_s, pool):
+    return pool.submit(dict)
+
+  monkeypatch.setattr(gpu_check, "run_rows", fake_run_rows)
+  monkeypatch.setattr(gpu_check, "start_flops_count", no_flops)
+  gpu_check.main([str(tmp_path), "--tiny", "--phases", "bench", "--groups", "nyud,pascal",
+                  "--from-row", "nyud: PT compile bf16"])
+  planned = [gpu_check._key(r)  # pylint: disable=protected-access
+             for r in gpu_check.plan(tiny=True, profile_dir="") if r.group in ("nyud", "pascal")]
+  assert seen == planned[planned.index("nyud: PT compile bf16"):]
+  assert seen[0] == "nyud: PT compile bf16" and seen[-1].startswith("pascal: ")
+  with pytest.raises(SystemExit):
+    gpu_check.main([str(tmp_path), "--tiny", "--phases", "bench", "--groups", "pascal",
+                    "--from-row", "nyud: PT compile bf16"])
 
 
 def _row(label, framework, images_per_s, dtype="bfloat16", mode="eager", group="nyud", **kw):
@@ -123,6 +157,21 @@ def test_full_resolution_verdict():
   assert "WITHOUT the hint" in gpu_check.full_resolution_verdict([bare])
 
 
+def test_compile_verdict():
+  default = {**_row("JAX bf16", "jax", 50.0), "compile_s": 12.0, "lower_s": 10.0,
+             "init_s": 8.0, "precompile_s": 90.0}
+  fast = {**_row("JAX bf16 autotune 0", "jax", 40.0), "compile_s": 40.0, "lower_s": 10.0,
+          "init_s": 5.0}
+  text = gpu_check.compile_verdict([default, fast, _row("PT eager bf16", "torch", 30.0)])
+  assert ("XLA defaults (JAX bf16): 90.0 s = 10.0 s tracing and lowering + 80.0 s in XLA "
+          "(compiled ahead, during the tests); step 160.0 ms; initialisation 8.0 s") in text
+  assert ("without autotuning (JAX bf16 autotune 0): 40.0 s = 10.0 s tracing and lowering + "
+          "30.0 s in XLA; step 200.0 ms") in text
+  assert "without autotuning: XLA's part 0.38x, the step 1.250x the defaults'" in text
+  text = gpu_check.compile_verdict([default])
+  assert "without autotuning: not measured" in text and "XLA's part" not in text
+
+
 def test_rerun_verdict():
   def run(label, deterministic, digest, images_per_s, loss=1.5, cache=gpu_check.NO_CACHE,
           compile_s=30.0):
@@ -171,15 +220,23 @@ def test_each_row_gets_the_compilation_cache_it_asks_for(monkeypatch, tmp_path):
 
   monkeypatch.setattr(gpu_check.train_step, "_measure_in_subprocess", fake_measure)
   planned = gpu_check.plan(tiny=True, profile_dir="")
-  rows = [r for r in planned if r.group == "determinism"] + planned[:1]
+  rows = ([r for r in planned if r.group == "determinism"] + planned[:1]
+          + [r for r in planned if r.xla_flags])
+  env_flags = "--xla_dump_to=/x"
   env = gpu_check.child_env(JAX_COMPILATION_CACHE_DIR="/c",
-                            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", OTHER="1")
+                            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", OTHER="1",
+                            XLA_FLAGS=env_flags)
   kept = []
   results = gpu_check.run_rows(rows, gpu_check.Clock(600), env, tmp_path / "log", 0, True,
                                on_row=lambda partial: kept.append(len(partial)))
   assert kept == list(range(1, len(rows) + 1)), "every finished row is handed on at once"
   assert [r["cache"] for r in results] == [r.cache for r in rows]
   assert all(row_env["OTHER"] == "1" for row_env, _ in seen)
+  # A row's own XLA flags come after the visit's; the other rows get the visit's alone.
+  for row, (row_env, _), result in zip(rows, seen, results):
+    want = f"{env_flags} {row.xla_flags}" if row.xla_flags else env_flags
+    assert row_env["XLA_FLAGS"] == want, row.label
+    assert result.get("xla_flags") == (row.xla_flags or None), row.label
   for row, (row_env, entries) in zip(rows, seen):
     cache_variables = {k: v for k, v in row_env.items()
                        if k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
@@ -195,28 +252,35 @@ def test_each_row_gets_the_compilation_cache_it_asks_for(monkeypatch, tmp_path):
   assert [entries for _, entries in own] == [[], ["entry"]]
 
 
-def test_tests_phase_keeps_the_report_of_a_failure_when_pytest_is_killed(tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_tests_phase_keeps_the_report_of_a_failure_when_pytest_is_killed(tmp_path, monkeypatch,
+                                                                           workers):
   """The visit's pytest prints each failure as it happens (tests/conftest.py's
   --report-failures-at-once), so the phase records why a test failed even when its time limit
-  kills pytest before the summary (the H200's first visit lost that)."""
+  kills pytest before the summary (the H200's first visit lost that); in one process or in
+  several (pytest-xdist, whose lines read differently)."""
   tests = tmp_path / "tests"
   tests.mkdir()
   (tests / "test_planted.py").write_text(
       "import time\n"
       "def test_fails():\n    assert 1 + 1 == 3, 'planted failure'\n"
+      "def test_passes():\n    pass\n"
       "def test_hangs():\n    time.sleep(600)\n")
   (tmp_path / "pytest.ini").write_text("[pytest]\naddopts = -p tests.conftest\n")
   # pytest runs in tmp_path as it runs in the repository on the visit; the planted folder has no
   # __init__.py, so `tests.conftest` is still the repository's.
   monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
   monkeypatch.setattr(gpu_check, "REPO_ROOT", tmp_path)
-  result = gpu_check.tests_phase(["tests/test_planted.py"], 20, tmp_path / "tests.log", "cpu")
-  assert result["timed_out"] and result["failed"] == 1 and result["passed"] == 0, result
+  result = gpu_check.tests_phase(["tests/test_planted.py"], 30, tmp_path / "tests.log", "cpu",
+                                 workers)
+  assert result["workers"] == workers
+  assert result["timed_out"] and result["failed"] == 1 and result["passed"] == 1, result
   (name,) = result["failed_tests"]
   assert name == "tests/test_planted.py::test_fails"
   assert "planted failure" in result["failure_reports"][name]
   text = gpu_check.format_tests(result)
   assert "TIMED OUT" in text and "AssertionError: planted failure" in text, text
+  assert ("2 processes" in text) == (workers == 2), text
 
 
 def test_pipeline_phase_times_each_setting_and_keeps_figures_past_a_failure(tmp_path,
@@ -332,6 +396,7 @@ def test_gpu_check_dry_run_through_the_shell_script(tmp_path):
   done = subprocess.run(
       ["bash", str(REPO_ROOT / "benchmarks" / "gpu_check.sh"), str(out), "--tiny",
        "--rows", "nyud: JAX bf16,nyud: PT eager f32 TF32,nyud: PT compile bf16,"
+       "nyud: JAX bf16 autotune 0,"
        "determinism: JAX bf16 deterministic run 1,determinism: JAX bf16 deterministic run 2",
        "--precompile", "1", "--torch-device", "cpu"],
       cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
@@ -342,8 +407,15 @@ def test_gpu_check_dry_run_through_the_shell_script(tmp_path):
   summary = (out / "summary.txt").read_text()
   results = json.loads((out / "results.json").read_text())
   assert results["tests"]["passed"] > 0 and results["tests"]["failed"] == 0
+  assert results["tests"]["workers"] == 2  # pytest-xdist, as on the GPU
   rows = {r["label"]: r for r in results["bench"]}
   reruns = [rows.pop(f"JAX bf16 deterministic run {i}") for i in (1, 2)]
+  # The same step compiled without autotuning, by a process of its own (the flag means nothing
+  # to XLA's CPU backend, but it reaches the row's process).
+  fast = rows.pop("JAX bf16 autotune 0")
+  assert fast["xla_flags"] == "--xla_gpu_autotune_level=0" and fast["images_per_s"] > 0
+  assert "precompile_s" not in fast and fast["compile_s"] > fast["lower_s"] > 0
+  assert "without autotuning: XLA's part" in summary
   assert set(rows) == {"JAX bf16", "PT eager f32 TF32", "PT compile bf16"}
   # Each rerun compiled for itself (not ahead, not from the cache), and on a CPU they agree.
   assert all("precompile_s" not in r and r["compile_s"] > 0 for r in reruns), reruns
