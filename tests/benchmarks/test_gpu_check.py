@@ -396,7 +396,6 @@ def test_gpu_check_dry_run_through_the_shell_script(tmp_path):
   done = subprocess.run(
       ["bash", str(REPO_ROOT / "benchmarks" / "gpu_check.sh"), str(out), "--tiny",
        "--rows", "nyud: JAX bf16,nyud: PT eager f32 TF32,nyud: PT compile bf16,"
-       "nyud: JAX bf16 autotune 0,"
        "determinism: JAX bf16 deterministic run 1,determinism: JAX bf16 deterministic run 2",
        "--precompile", "1", "--torch-device", "cpu"],
       cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
@@ -410,12 +409,11 @@ def test_gpu_check_dry_run_through_the_shell_script(tmp_path):
   assert results["tests"]["workers"] == 2  # pytest-xdist, as on the GPU
   rows = {r["label"]: r for r in results["bench"]}
   reruns = [rows.pop(f"JAX bf16 deterministic run {i}") for i in (1, 2)]
-  # The same step compiled without autotuning, by a process of its own (the flag means nothing
-  # to XLA's CPU backend, but it reaches the row's process).
-  fast = rows.pop("JAX bf16 autotune 0")
-  assert fast["xla_flags"] == "--xla_gpu_autotune_level=0" and fast["images_per_s"] > 0
-  assert "precompile_s" not in fast and fast["compile_s"] > fast["lower_s"] > 0
-  assert "without autotuning: XLA's part" in summary
+  # The compile split into Python's lowering and XLA's part (the row without autotuning is left
+  # out here: its flag means nothing to XLA's CPU backend, and the budget keeps the training run).
+  assert 0 < rows["JAX bf16"]["lower_s"] < rows["JAX bf16"]["compile_s"]
+  assert "XLA defaults (JAX bf16): " in summary and "s tracing and lowering + " in summary
+  assert "without autotuning: not measured" in summary
   assert set(rows) == {"JAX bf16", "PT eager f32 TF32", "PT compile bf16"}
   # Each rerun compiled for itself (not ahead, not from the cache), and on a CPU they agree.
   assert all("precompile_s" not in r and r["compile_s"] > 0 for r in reruns), reruns
