@@ -277,6 +277,11 @@ def child_env(base: dict[str, str] | None = None, **updates: str) -> dict[str, s
   return env
 
 
+def with_xla_flags(env: dict[str, str], flags: str) -> dict[str, str]:
+  """A copy of `env` with `flags` after the XLA_FLAGS it already has."""
+  return dict(env, XLA_FLAGS=" ".join(f for f in (env.get("XLA_FLAGS", ""), flags) if f))
+
+
 def python_json(code: str, timeout_s: float, env: dict[str, str]) -> dict:
   """Runs `code` (which prints one JSON line last) in a fresh interpreter; {"error"} on failure."""
   rc, out = run_limited([sys.executable, "-c", code], timeout_s, env)
@@ -447,7 +452,7 @@ def tests_phase(targets: Sequence[str], timeout_s: float, log: pathlib.Path,
   if platform == "gpu":
     # The tests check results, not speed: without autotuning each of their many small compiles
     # is shorter (on the H200's first visit 5 of 160 tests ran in 150 s).
-    env["XLA_FLAGS"] = " ".join(f for f in (env.get("XLA_FLAGS", ""), TESTS_XLA_FLAGS) if f)
+    env = with_xla_flags(env, TESTS_XLA_FLAGS)
   start = time.perf_counter()
   rc, out = run_limited(cmd, timeout_s, env, log)
   # pytest -v: "tests/x.py::test_y[a b] PASSED   [ 10%]", one line per test as it finishes;
@@ -599,8 +604,7 @@ def run_rows(rows: Sequence[Row], clock: Clock, env: dict[str, str], log: pathli
                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     if row.xla_flags:
       base["xla_flags"] = row.xla_flags
-      row_env = dict(row_env, XLA_FLAGS=" ".join(
-          f for f in (row_env.get("XLA_FLAGS", ""), row.xla_flags) if f))
+      row_env = with_xla_flags(row_env, row.xla_flags)
     if row.setting.torch_mode == "compile" and not allow_torch_compile:
       results.append({**base, "skipped": "torch.compile rows are not run on a CPU dry run"})
     elif left < row.min_s:
@@ -804,7 +808,10 @@ def pipeline_phase(tiny: bool, timeout_s: float, log: pathlib.Path) -> list[dict
   (dataset.read_threads; 0 workers, no processes to start) first, then worker processes, each
   setting its own run so that one that runs out of time (the H200's first visit: 14 workers)
   keeps the others' figures."""
-  cores = os.cpu_count() or 1
+  # The cores dataset.read_threads=-1 shares out (the process's CPU affinity), so that the
+  # larger thread count timed here is the one a default run uses.
+  from data_pipelines import pipeline  # pylint: disable=g-import-not-at-top
+  cores = pipeline.available_cores()
   common = ["--steps", "20", "--warmup", "3", "--num-train", "32"]
   if tiny:
     settings = [("nyud", 48, 64, ["0"], ["1", "2"], ["--steps", "2", "--warmup", "1",

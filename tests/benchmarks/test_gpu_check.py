@@ -305,7 +305,8 @@ def test_pipeline_phase_times_each_setting_and_keeps_figures_past_a_failure(tmp_
                         for t in cmd[cmd.index("--read-threads") + 1:cmd.index("--steps")])
 
   monkeypatch.setattr(gpu_check, "run_limited", fake_run)
-  monkeypatch.setattr(gpu_check.os, "cpu_count", lambda: 16)
+  from data_pipelines import pipeline  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(pipeline, "available_cores", lambda: 16)
   rows = gpu_check.pipeline_phase(tiny=False, timeout_s=600, log=log)
   settings = [(c[c.index("--dataset") + 1], c[c.index("--workers") + 1],
                c[c.index("--read-threads") + 1:c.index("--steps")]) for c in commands]
