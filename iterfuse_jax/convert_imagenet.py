@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from iterfuse_jax.models import hrnet_weights
-from iterfuse_jax.models.hrnet import HRNET_VARIANTS, HRNetClassifier, hrnet_spec
+from iterfuse_jax.models.hrnet import PUBLISHED_VARIANTS, HRNetClassifier, hrnet_spec
 
 FORMAT = "iterfuse_jax.hrnet_backbone/v1"
 META_FILE = "meta.json"
@@ -108,6 +108,15 @@ def _num_params(tree: Any) -> int:
   return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
 
 
+def _published_spec(variant: str):
+  """The spec of a variant that has ImageNet checkpoints to convert; a ValueError otherwise."""
+  spec = hrnet_spec(variant)
+  if variant not in PUBLISHED_VARIANTS:
+    raise ValueError(f"HRNet variant {variant!r} has no published ImageNet checkpoint; expected "
+                     f"one of {sorted(PUBLISHED_VARIANTS)}")
+  return spec
+
+
 def convert_file(src: str, dst: str, variant: str = "w18_small_v2") -> dict[str, Any]:
   """Converts `src` into `dst` (orbax `variables/` + `meta.json`); returns a summary.
 
@@ -115,7 +124,7 @@ def convert_file(src: str, dst: str, variant: str = "w18_small_v2") -> dict[str,
     ValueError: unreadable file, not an HRNet state dict, wrong variant, or any tensor that
       does not fit (all listed); `dst/variables` already existing.
   """
-  hrnet_spec(variant)
+  _published_spec(variant)
   tensors = hrnet_weights.normalize_state_dict(read_state_dict(src))
   variables = hrnet_weights.torch_state_dict_to_flax(tensors, variant)
   dropped = sorted(k for k in tensors if hrnet_weights.is_classifier_key(k))
@@ -304,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       description="Convert ImageNet PyTorch HRNet weights into an orbax Flax checkpoint.")
   parser.add_argument("--src", required=True, help=".pth/.pt/.bin or .safetensors file")
   parser.add_argument("--dst", required=True, help="output directory")
-  parser.add_argument("--variant", default="w18_small_v2", choices=sorted(HRNET_VARIANTS))
+  parser.add_argument("--variant", default="w18_small_v2", choices=sorted(PUBLISHED_VARIANTS))
   parser.add_argument("--check", metavar="IMAGE",
                       help="print the ImageNet top-5 of the full classifier on this image")
   args = parser.parse_args(argv)

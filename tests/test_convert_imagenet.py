@@ -189,6 +189,13 @@ def test_wrong_variant_is_named(reference):
     hrnet_weights.torch_state_dict_to_flax(reference["state"], "w32")
 
 
+def test_the_unpublished_tiny_variant_is_not_converted(tmp_path):
+  with pytest.raises(ValueError, match=r"'w18_tiny' has no published ImageNet checkpoint; expected "
+                     r"one of \['w18', 'w18_small_v2'\]"):
+    convert_imagenet.convert_file(str(tmp_path / "missing.pth"), str(tmp_path / "out"), "w18_tiny")
+  assert not (tmp_path / "out").exists()
+
+
 def test_non_hrnet_state_dict(tmp_path):
   net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
   path = tmp_path / "resnet_like.pth"

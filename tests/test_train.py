@@ -366,7 +366,8 @@ def test_config_overrides_and_unknown_keys():
     _parse([f"--config={path}", "--config.model.tpim.n_iters=4"])
   with pytest.raises(AttributeError):
     nyud_ifbC.get_config().not_a_key = 1  # locked: misspelt keys in experiment files fail too
-  assert _parse([f"--config={REPO_ROOT}/configs/demo.py:tiny"]).model.task_channels == 8
+  tiny = _parse([f"--config={REPO_ROOT}/configs/demo.py:tiny"])
+  assert (tiny.model.task_channels, tiny.model.backbone) == (8, "w18_tiny")
 
 
 def test_paper_settings_of_the_nyud_config():

@@ -4,7 +4,8 @@ The config needs `dataset.name`, `dataset.tasks` and a `model` block:
 
   model.name            "iterfuse" | "mtl" | "stl" | "padnet" | "mtinet" | "densemtl"
                         (see MODEL_BUILDERS)
-  model.backbone        HRNet variant: "w18_small_v2" (the survey code's "HRNet18") or "w18"
+  model.backbone        HRNet variant: "w18_small_v2" (the survey code's "HRNet18"), "w18", or
+                        "w18_tiny" (no ImageNet weights; configs/demo.py:tiny and the tests)
   model.fuse_upsample   "bilinear" (segmentation codebases) or "nearest" (timm / classification)
   model.task_channels   C of the task features entering the distillation module
   model.initial_blocks  residual blocks per initial task module

@@ -65,7 +65,17 @@ HRNET_VARIANTS: dict[str, HRNetSpec] = {
         stages=(StageSpec(1, (4, 4), (18, 36)),
                 StageSpec(4, (4, 4, 4), (18, 36, 72)),
                 StageSpec(3, (4, 4, 4, 4), (18, 36, 72, 144)))),
+    # Not a published network: W18's widths with one module of one block per branch and stage (a
+    # quarter of W18-Small-v2's blocks). It compiles in a fraction of the time, for runs that
+    # exercise the machinery rather than the accuracy: configs/demo.py:tiny and the tests.
+    "w18_tiny": HRNetSpec(
+        layer1_blocks=1,
+        stages=(StageSpec(1, (1, 1), (18, 36)),
+                StageSpec(1, (1, 1, 1), (18, 36, 72)),
+                StageSpec(1, (1, 1, 1, 1), (18, 36, 72, 144)))),
 }
+# The variants with published ImageNet checkpoints (timm / the HRNet authors' releases).
+PUBLISHED_VARIANTS = ("w18_small_v2", "w18")
 
 # Channels of the ImageNet head's incre modules (Bottleneck planes; x4 after expansion).
 CLASSIFIER_HEAD_PLANES = (32, 64, 128, 256)
@@ -224,7 +234,8 @@ class HRNet(nn.Module):
   """HRNet backbone returning its four branches.
 
   Attributes:
-    variant: "w18_small_v2" (HRNet-W18-Small-v2, the survey code's "HRNet18") or "w18".
+    variant: "w18_small_v2" (HRNet-W18-Small-v2, the survey code's "HRNet18"), "w18", or
+      "w18_tiny" (unpublished, for quick runs and tests).
     fuse_upsample: how fuse layers upsample lower branches: "bilinear" to the exact size (the
       segmentation codebases) or "nearest" (HRNet classification code / timm; needed for parity
       with ImageNet-trained weights).

@@ -390,16 +390,21 @@ def test_gpu_wheels_list_pins_every_line():
 
 @pytest.mark.slow
 def test_gpu_check_dry_run_through_the_shell_script(tmp_path):
-  """The visit's command at tiny shapes on the CPU: every phase, one JAX and one PyTorch row."""
+  """The visit's command at tiny shapes on the CPU: every phase, one JAX and one PyTorch row.
+
+  The determinism group's reruns are left out (two JAX compiles without a cache, 200 s of the
+  suite): their verdict is tests/benchmarks/test_gpu_check.py::test_rerun_verdict, the rows'
+  caches test_each_row_gets_the_compilation_cache_it_asks_for, and the digest they compare is
+  checked here on the JAX row."""
   out = tmp_path / "out"
   env = {**gpu_check.child_env(), "PYTHON": sys.executable, "JAX_PLATFORMS": "cpu",
          "JAX_DISABLE_MOST_OPTIMIZATIONS": "1", "OMP_NUM_THREADS": "1"}
   done = subprocess.run(
       ["bash", str(REPO_ROOT / "benchmarks" / "gpu_check.sh"), str(out), "--tiny",
-       "--rows", "nyud: JAX bf16,nyud: PT eager f32 TF32,nyud: PT compile bf16,"
-       "determinism: JAX bf16 deterministic run 1,determinism: JAX bf16 deterministic run 2",
+       "--rows", "nyud: JAX bf16,nyud: PT eager f32 TF32,nyud: PT compile bf16",
        # The visit's 530 s budget is the device tool's limit; here the dry run took 519 s of it
-       # (2-core CPU), so a slower machine gets room before the subprocess's own limit.
+       # with two more JAX rows (2-core CPU), so a slower machine gets room before the
+       # subprocess's own limit.
        "--precompile", "1", "--torch-device", "cpu", "--budget-s", "780"],
       cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
   assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
@@ -411,20 +416,15 @@ def test_gpu_check_dry_run_through_the_shell_script(tmp_path):
   assert results["tests"]["passed"] > 0 and results["tests"]["failed"] == 0
   assert results["tests"]["workers"] == 2  # pytest-xdist, as on the GPU
   rows = {r["label"]: r for r in results["bench"]}
-  reruns = [rows.pop(f"JAX bf16 deterministic run {i}") for i in (1, 2)]
   # The compile split into Python's lowering and XLA's part (the row without autotuning is left
   # out here: its flag means nothing to XLA's CPU backend, and the budget keeps the training run).
   assert 0 < rows["JAX bf16"]["lower_s"] < rows["JAX bf16"]["compile_s"]
   assert "XLA defaults (JAX bf16): " in summary and "s tracing and lowering + " in summary
   assert "without autotuning: not measured" in summary
   assert set(rows) == {"JAX bf16", "PT eager f32 TF32", "PT compile bf16"}
-  # Each rerun compiled for itself (not ahead, not from the cache), and on a CPU they agree.
-  assert all("precompile_s" not in r and r["compile_s"] > 0 for r in reruns), reruns
-  assert reruns[0]["state_sha256"] == reruns[1]["state_sha256"]
-  assert ("config.deterministic, each process compiling for itself: parameters and BatchNorm "
-          "statistics after 2 steps bit-identical" in summary)
-  assert "XLA defaults, each process compiling and autotuning for itself: not measured (0 of 2 " \
-      "runs)" in summary
+  # The digest of the parameters and BatchNorm statistics that the reruns compare.
+  digest = rows["JAX bf16"]["state_sha256"]
+  assert len(digest) == 64 and int(digest, 16) >= 0, digest
   for label in ("JAX bf16", "PT eager f32 TF32"):
     assert rows[label]["images_per_s"] > 0 and rows[label]["model_tflops"] > 0, rows[label]
     assert rows[label]["projected_full_run_min"] > 0

@@ -155,3 +155,25 @@ def test_bad_arguments():
     HRNet(fuse_upsample="bicubic")
   with pytest.raises(ValueError, match=r"\[B, H, W, 3\]"):
     jax.eval_shape(lambda: HRNet().init(jax.random.key(0), jnp.zeros((1, 3, 64, 64))))
+
+
+def test_tiny_variant_has_the_branches_of_small_v2_with_a_quarter_of_its_blocks():
+  """w18_tiny (configs/demo.py:tiny, the tests) is a drop-in backbone: same four branches."""
+  images = jnp.zeros((1, 64, 96, 3))
+
+  def shapes(variant):
+    variables = jax.eval_shape(lambda: HRNet(variant).init(jax.random.key(0), images, train=False))
+    outputs = jax.eval_shape(lambda v: HRNet(variant).apply(v, images, train=False), variables)
+    blocks = set()
+    for path in traverse_util.flatten_dict(variables["params"]):
+      ends = [i for i, part in enumerate(path) if "block" in part]
+      if ends:
+        blocks.add(path[:ends[0] + 1])
+    return [o.shape for o in outputs], len(blocks)
+
+  tiny_outputs, tiny_blocks = shapes("w18_tiny")
+  small_outputs, small_blocks = shapes("w18_small_v2")
+  assert tiny_outputs == small_outputs == [(1, 16, 24, 18), (1, 8, 12, 36), (1, 4, 6, 72),
+                                           (1, 2, 3, 144)]
+  # Stage 1 (Bottlenecks) and stages 2-4: 1 + 2 + 3 + 4 blocks against 2 + 1*4 + 3*6 + 2*8.
+  assert (tiny_blocks, small_blocks) == (10, 40)
