@@ -23,6 +23,7 @@ def tiny_full_config(dataset: str, data_dir: str) -> ml_collections.ConfigDict:
   config.dataset.data_dir = data_dir
   config.dataset.train_size = config.dataset.eval_size = config.dataset.eval_label_size = SIZE
   config.synthetic_data.enabled = False
+  config.model.backbone = "w18_tiny"  # as configs/demo.py:tiny: the same branches, faster compiles
   config.model.task_channels = 8
   config.model.tpim.n_iter = 2
   config.batch_size = 2

@@ -14,10 +14,13 @@ SIZE = (64, 96)  # stride-32 friendly; 1/4 features are 16x24, pooled 8x12 = 96 
 
 
 def tiny_config(dataset="nyud", tasks=("semseg", "depth"), **model_overrides):
+  # The backbone with a quarter of W18-Small-v2's blocks and its four branches: these tests are
+  # about what follows the backbone (tests/models/test_hrnet.py checks the published ones), and
+  # it compiles in about half the time.
   config = ml_collections.ConfigDict({
       "dataset": {"name": dataset, "tasks": tasks},
       "model": {
-          "name": "iterfuse", "backbone": "w18_small_v2", "fuse_upsample": "bilinear",
+          "name": "iterfuse", "backbone": "w18_tiny", "fuse_upsample": "bilinear",
           "task_channels": 16, "initial_blocks": 1, "dtype": "float32",
           "tpim": {"use_ifb": True, "variant": "C", "n_iter": 3, "alpha_init": 0.3, "scale": 2,
                    "qk_channels": 0, "ifb_impl": "materialized", "ifb_products": "model",
