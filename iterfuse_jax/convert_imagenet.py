@@ -108,13 +108,12 @@ def _num_params(tree: Any) -> int:
   return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
 
 
-def _published_spec(variant: str):
-  """The spec of a variant that has ImageNet checkpoints to convert; a ValueError otherwise."""
-  spec = hrnet_spec(variant)
+def _check_published(variant: str) -> None:
+  """A ValueError for an unknown variant or one without ImageNet checkpoints to convert."""
+  hrnet_spec(variant)
   if variant not in PUBLISHED_VARIANTS:
     raise ValueError(f"HRNet variant {variant!r} has no published ImageNet checkpoint; expected "
                      f"one of {sorted(PUBLISHED_VARIANTS)}")
-  return spec
 
 
 def convert_file(src: str, dst: str, variant: str = "w18_small_v2") -> dict[str, Any]:
@@ -124,7 +123,7 @@ def convert_file(src: str, dst: str, variant: str = "w18_small_v2") -> dict[str,
     ValueError: unreadable file, not an HRNet state dict, wrong variant, or any tensor that
       does not fit (all listed); `dst/variables` already existing.
   """
-  _published_spec(variant)
+  _check_published(variant)
   tensors = hrnet_weights.normalize_state_dict(read_state_dict(src))
   variables = hrnet_weights.torch_state_dict_to_flax(tensors, variant)
   dropped = sorted(k for k in tensors if hrnet_weights.is_classifier_key(k))

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from iterfuse_jax.models.hrnet import HRNet, HRNetClassifier, hrnet_spec
+from iterfuse_jax.models.hrnet import PUBLISHED_VARIANTS, HRNet, HRNetClassifier, hrnet_spec
 
 # Wrapper prefixes some training codebases add (DataParallel, mmcv/mmpretrain models).
 WRAPPER_PREFIXES = ("module.", "backbone.")
@@ -170,7 +170,7 @@ def guess_variant(state_dict: Mapping[str, Any]) -> str | None:
   stage3 = count(r"stage3\.(\d+)\.")
   stage4 = count(r"stage4\.(\d+)\.")
   blocks = count(r"stage2\.0\.branches\.0\.(\d+)\.")
-  for variant in ("w18_small_v2", "w18"):
+  for variant in PUBLISHED_VARIANTS:
     spec = hrnet_spec(variant)
     if (layer1, blocks, stage3, stage4) == (spec.layer1_blocks, spec.stages[0].num_blocks[0],
                                             spec.stages[1].num_modules,
