@@ -177,7 +177,16 @@ def create_mesh(num_devices: int = -1) -> Mesh:
 
 def create_train_state(config: ml_collections.ConfigDict, model, tx, rng: jax.Array,
                        input_shape: tuple[int, ...], mesh: Mesh) -> TrainState:
-  """Initialises parameters, BatchNorm statistics and optimiser state, replicated on `mesh`."""
+  """Initialises parameters, BatchNorm statistics and optimiser state, replicated on `mesh`.
+
+  A converted ImageNet backbone (`config.model.pretrained`) is read before the initialisation is
+  compiled, so that a wrong folder or variant is reported in seconds, not after the compile.
+  """
+  pretrained = None
+  if config.model.pretrained:
+    from iterfuse_jax import convert_imagenet  # pylint: disable=g-import-not-at-top
+    pretrained = convert_imagenet.load_backbone_variables(config.model.pretrained,
+                                                          config.model.backbone)
 
   def init(rng):
     variables = model.init(rng, jnp.zeros(input_shape, jnp.float32), train=False)
@@ -192,25 +201,27 @@ def create_train_state(config: ml_collections.ConfigDict, model, tx, rng: jax.Ar
   abstract = jax.eval_shape(init, rng)
   state = jax.jit(init, out_shardings=jax.tree.map(lambda _: replicated, abstract),
                   compiler_options=determinism.compiler_options(config))(rng)
-  if config.model.pretrained:
-    state = load_pretrained_backbone(state, config.model.pretrained, config.model.backbone,
-                                     replicated)
+  if pretrained is not None:
+    state = insert_pretrained_backbone(state, pretrained, config.model.pretrained, replicated)
   return state
 
 
-def load_pretrained_backbone(state: TrainState, path: str, variant: str,
-                             sharding: NamedSharding) -> TrainState:
-  """Replaces every backbone sub-tree (one per task for STL) by a converted ImageNet checkpoint.
+def insert_pretrained_backbone(state: TrainState, backbone: PyTree, source: str,
+                               sharding: NamedSharding) -> TrainState:
+  """Replaces every backbone sub-tree (one per task for STL) by `backbone`.
+
+  Args:
+    backbone: {"params": ..., "batch_stats": ...} of `convert_imagenet.load_backbone_variables`.
+    source: where it was read from, for the log.
 
   The optimiser state is initialised again for the new parameters.
   """
   from iterfuse_jax import convert_imagenet  # pylint: disable=g-import-not-at-top
 
-  backbone = convert_imagenet.load_backbone_variables(path, variant)
   variables, paths = convert_imagenet.insert_backbones(
       {"params": state.params, "batch_stats": state.batch_stats}, backbone)
   variables = jax.device_put(variables, sharding)
-  logging.info("Initialised %s from %s", ", ".join("/".join(p) for p in paths), path)
+  logging.info("Initialised %s from %s", ", ".join("/".join(p) for p in paths), source)
   return state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
                        opt_state=state.tx.init(variables["params"]))
 

@@ -265,9 +265,14 @@ def test_training_starts_from_the_converted_backbone(tmp_path, reference):
         if hasattr(s, "mu")]
   assert mu and all(not np.any(np.asarray(x)) for x in jax.tree.leaves(mu))
 
+  # A folder of another variant is refused before anything is traced or compiled.
+  class NotToBeInitialised:
+    def init(self, *args, **kwargs):
+      raise AssertionError("the model was initialised before the backbone folder was checked")
+
   config.model.backbone = "w18"
   with pytest.raises(ValueError, match=r"'w18_small_v2'.*'w18'"):
-    train.create_train_state(config, build_model(config), tx, jax.random.key(0),
+    train.create_train_state(config, NotToBeInitialised(), tx, jax.random.key(0),
                              (1, 64, 64, 3), train.create_mesh(1))
 
 
