@@ -4,8 +4,9 @@ One port serves both the train-step benchmark (`benchmarks/train_step.py`, eager
 iterfuse_jax) and the whole-network parity test (`tests/test_torch_parity.py`), so that what is
 timed is what is proven equal. As in the survey code, BatchNorm momentum is 0.01 in the HRNet
 backbone and PyTorch's default 0.1 everywhere else, eps 1e-5; the layers outside the backbone keep
-PyTorch's default initialisation. The backbone is timm's `hrnet_w18_small_v2` (the published
-ImageNet weights' layout) with the segmentation codebases' exact-size bilinear fuse. Importing this
+PyTorch's default initialisation. The backbone is timm's HRNet of `config.model.backbone`
+(`hrnet_w18_small_v2` for the paper's configs: the published ImageNet weights' layout) with the
+segmentation codebases' exact-size bilinear fuse. Importing this
 module imports torch and timm: JAX-only code never imports it.
 """
 
@@ -21,6 +22,7 @@ from timm.models import hrnet as timm_hrnet
 from torch import nn
 
 from iterfuse_jax import tasks as task_registry
+from iterfuse_jax.models.hrnet import HRNET_VARIANTS, PUBLISHED_VARIANTS, hrnet_spec
 from iterfuse_jax.tasks import IGNORE_LABEL
 
 
@@ -182,11 +184,32 @@ def _exact_size_fuse_forward(module, x):
   return outs
 
 
-def hrnet_backbone():
-  """timm hrnet_w18_small_v2, four raw branches (18/36/72/144 ch), bilinear exact-size fuse,
-  BatchNorm momentum 0.01."""
-  net = timm.create_model("hrnet_w18_small_v2", pretrained=False, features_only=True,
-                          feature_location="", out_indices=(1, 2, 3, 4))
+def timm_arch_config(variant: str) -> dict:
+  """timm's HRNet architecture dict (its `cfg_cls` entries) for one of our HRNet variants.
+
+  For the published variants it equals timm's own entry (tested); for `w18_tiny`, which timm does
+  not have, it is how timm builds the same network.
+  """
+  spec = hrnet_spec(variant)
+  config = {"stem_width": spec.stem_width,
+            "stage1": {"num_modules": 1, "num_branches": 1, "block_type": "BOTTLENECK",
+                       "num_blocks": (spec.layer1_blocks,), "num_channels": (spec.layer1_planes,),
+                       "fuse_method": "SUM"}}
+  for i, stage in enumerate(spec.stages, start=2):
+    config[f"stage{i}"] = {"num_modules": stage.num_modules, "num_branches": len(stage.channels),
+                           "block_type": "BASIC", "num_blocks": tuple(stage.num_blocks),
+                           "num_channels": tuple(stage.channels), "fuse_method": "SUM"}
+  return config
+
+
+def hrnet_backbone(variant: str = "w18_small_v2"):
+  """timm's HRNet (`hrnet_<variant>` where timm has it), four raw branches (18/36/72/144 ch),
+  bilinear exact-size fuse, BatchNorm momentum 0.01."""
+  features = {"feature_location": "", "out_indices": (1, 2, 3, 4)}
+  if variant in PUBLISHED_VARIANTS:
+    net = timm.create_model(f"hrnet_{variant}", pretrained=False, features_only=True, **features)
+  else:
+    net = timm_hrnet.HighResolutionNetFeatures(timm_arch_config(variant), **features)
   for module in net.modules():
     if isinstance(module, nn.BatchNorm2d):
       module.momentum = BACKBONE_BN_MOMENTUM
@@ -205,10 +228,10 @@ class IterFuseNet(nn.Module):
   """
 
   def __init__(self, tasks, num_outputs, task_channels, initial_blocks, scale, variant,
-               n_iter, alpha_init, impl, qk_channels=None):
+               n_iter, alpha_init, impl, qk_channels=None, backbone="w18_small_v2"):
     super().__init__()
     self.tasks = tuple(tasks)
-    self.backbone = hrnet_backbone()
+    self.backbone = hrnet_backbone(backbone)
     shared = sum(self.backbone.feature_info.channels())
     self.initial = nn.ModuleDict({
         t: InitialTaskModule(shared, task_channels, num_outputs[t], initial_blocks)
@@ -275,13 +298,15 @@ def multitask_loss(outputs, batch, tasks, weights):
 def check_config_covered(config) -> None:
   """Raises unless the port implements what `config` asks of the JAX model and its training."""
   m, tpim, opt = config.model, config.model.tpim, config.optimizer
-  implemented = {"model.name": (m.name, "iterfuse"), "model.backbone": (m.backbone, "w18_small_v2"),
+  implemented = {"model.name": (m.name, "iterfuse"),
                  "model.fuse_upsample": (m.fuse_upsample, "bilinear"),
                  "model.tpim.use_ifb": (tpim.use_ifb, True),
                  # co.to(v.dtype): the products in the model's dtype (bf16 under autocast).
                  "model.tpim.ifb_products": (tpim.get("ifb_products", "model"), "model"),
                  "optimizer.name": (opt.name, "adam")}
   differ = {k: got for k, (got, want) in implemented.items() if got != want}
+  if m.backbone not in HRNET_VARIANTS:
+    differ["model.backbone"] = m.backbone
   if differ:
     raise ValueError(f"the PyTorch port does not implement {differ}")
 
@@ -295,7 +320,7 @@ def iterfuse_from_config(config, impl: str = "materialized") -> IterFuseNet:
       tasks, {t: task_registry.num_outputs(t, config.dataset.name) for t in tasks},
       task_channels=config.model.task_channels, initial_blocks=config.model.initial_blocks,
       scale=tpim.scale, variant=tpim.variant, n_iter=tpim.n_iter, alpha_init=tpim.alpha_init,
-      impl=impl, qk_channels=tpim.qk_channels or None).train()
+      impl=impl, qk_channels=tpim.qk_channels or None, backbone=config.model.backbone).train()
 
 
 # ----------------------------------------------------------------------------- weight mapping

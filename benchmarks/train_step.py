@@ -3,8 +3,8 @@
 JAX side: the IterFuse network built by `build_model` from `configs/default.py` (with this
 script's overrides), trained by the real `iterfuse_jax.train.train_step`, jitted on a 1-device
 mesh with the train state donated, exactly as `train_and_evaluate` jits it. PyTorch side: the same
-network written below in eager PyTorch on timm's `hrnet_w18_small_v2` backbone (features_only, the
-four raw branches; its fuse layers resize bilinearly to the exact branch size like our default
+network written below in eager PyTorch on timm's HRNet of the same variant (`hrnet_w18_small_v2` by
+default, `--backbone`; features_only, the four raw branches; its fuse layers resize bilinearly to the exact branch size like our default
 `fuse_upsample="bilinear"` instead of timm's nearest x2^k), per-task initial modules and heads,
 the TPIM of CIBs (spatial self-attention + pixel-wise global attention + the IFB loop of the same
 variant and n_iter), the same losses and weights on intermediate and final predictions, and Adam
@@ -96,6 +96,10 @@ TORCH_IMPL_FOR = {"materialized": "materialized", "streamed": "sdpa"}
 PRECISIONS = ("default", "tf32", "fp32")
 JAX_PRECISION = {"tf32": "tensorfloat32", "fp32": "float32"}
 TORCH_MODES = ("eager", "compile")
+# iterfuse_jax.models.hrnet.HRNET_VARIANTS (not imported: a row's process imports only its own
+# framework) -> the name printed in the title. w18_tiny is for the smoke tests and dry runs.
+BACKBONE_NAMES = {"w18_small_v2": "HRNet-W18-small-v2", "w18": "HRNet-W18",
+                  "w18_tiny": "HRNet-W18-tiny (unpublished)"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +127,7 @@ class Setting:
   deterministic: bool = False  # JAX: config.deterministic (XLA's deterministic GPU kernels)
   ifb_products: str = "model"  # JAX: model.tpim.ifb_products ("model" | "float32")
   ifb_gradient: str = "stacked"  # JAX: model.tpim.ifb_gradient ("stacked" | "autodiff")
+  backbone: str = "w18_small_v2"  # model.backbone, both sides (see BACKBONE_NAMES)
 
 
 def benchmark_config(setting: Setting):
@@ -136,6 +141,7 @@ def benchmark_config(setting: Setting):
   config.num_devices = 1
   config.dataset.train_size = (setting.height, setting.width)
   config.model.task_channels = setting.task_channels
+  config.model.backbone = setting.backbone
   config.model.dtype = setting.dtype
   config.model.tpim.n_iter = setting.n_iter
   config.model.tpim.variant = setting.variant
@@ -537,6 +543,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--ifb-impl", type=_parse_list(str, JAX_IMPLS), default=list(JAX_IMPLS),
                       help="comma-separated JAX IFB implementations")
   parser.add_argument("--variant", choices=("A", "B", "C"), default="C")
+  parser.add_argument("--backbone", choices=tuple(BACKBONE_NAMES), default="w18_small_v2",
+                      help="model.backbone (w18_tiny: unpublished, for quick checks)")
   parser.add_argument("--task-channels", type=int, default=270)
   parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
   parser.add_argument("--warmup", type=int, default=1, help="untimed steps after the first")
@@ -594,7 +602,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
       torch_port()
 
-  print(f"train step: IterFuse (HRNet-W18-small-v2, IFB {args.variant}) on {args.dataset}, "
+  print(f"train step: IterFuse ({BACKBONE_NAMES[args.backbone]}, IFB {args.variant}) on "
+        f"{args.dataset}, "
         f"{height}x{width}, batch {args.batch}, task channels {args.task_channels}, "
         f"{args.dtype}; median of {args.steps} steps after {args.warmup} warm-up", flush=True)
   rows = []
@@ -602,7 +611,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     common = dict(dataset=args.dataset, height=height, width=width, batch=args.batch,
                   n_iter=n_iter, variant=args.variant, task_channels=args.task_channels,
                   dtype=args.dtype, steps=args.steps, warmup=args.warmup,
-                  precision=args.precision, scale=args.scale, torch_device=args.torch_device)
+                  precision=args.precision, scale=args.scale, torch_device=args.torch_device,
+                  backbone=args.backbone)
     block = []
     if args.jax:
       for impl in args.ifb_impl:

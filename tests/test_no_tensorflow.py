@@ -29,7 +29,7 @@ from iterfuse_jax import compare
 from benchmarks import gpu_check, profile_summary, train_step
 setting = train_step.Setting(framework="jax", impl="materialized", dataset="nyud", height=32,
                              width=32, batch=2, n_iter=1, variant="C", task_channels=4,
-                             dtype="float32", steps=1, warmup=0)
+                             dtype="float32", steps=1, warmup=0, backbone="w18_tiny")
 row = train_step.measure_jax(setting)
 params, gflops = compare.model_cost(train_step.benchmark_config(setting))
 loaded = sorted({m.split(".")[0] for m in sys.modules}

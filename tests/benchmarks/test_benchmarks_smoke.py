@@ -71,7 +71,8 @@ def test_ifb_precision_benchmark_rejects_a_bad_grid(capsys):
 
 def test_checkpoint_save_benchmark_smoke(capsys):
   assert checkpoint_save.main(["--config", "configs/demo.py", "--set", "model.task_channels=8",
-                               "--set", "model.tpim.n_iter=2", "--saves", "2"]) == 0
+                               "--set", "model.tpim.n_iter=2", "--set", "model.backbone=w18_tiny",
+                               "--saves", "2"]) == 0
   out = capsys.readouterr().out
   lines = out.splitlines()
   assert lines[0].startswith("configs/demo.py: ") and "MiB" in lines[0], out

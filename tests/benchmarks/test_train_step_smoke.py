@@ -24,8 +24,8 @@ train_step.torch_port()
 # on the GPU (ITERFUSE_TEST_PLATFORM=gpu).
 ON_GPU = os.environ.get("ITERFUSE_TEST_PLATFORM", "cpu") == "gpu"
 TINY = ["--height", "32", "--width", "32", "--batch", "2", "--task-channels", "8", "--steps", "1",
-        "--warmup", "0", "--torch-device", "cuda" if ON_GPU else "cpu"]
-TITLE = ("train step: IterFuse (HRNet-W18-small-v2, IFB C) on nyud, 32x32, batch 2, "
+        "--warmup", "0", "--torch-device", "cuda" if ON_GPU else "cpu", "--backbone", "w18_tiny"]
+TITLE = ("train step: IterFuse (HRNet-W18-tiny (unpublished), IFB C) on nyud, 32x32, batch 2, "
          "task channels 8, float32; median of 1 steps after 0 warm-up")
 POSITIVE = ("step_s", "images_per_s", "first_step_s", "peak_bytes", "max_rss_bytes", "loss",
             "num_params")
@@ -87,8 +87,9 @@ def test_train_step_benchmark_in_process(tmp_path, capsys):
       ("torch", "materialized", 2), ("torch", "sdpa", 2)]
   for row in rows:
     check_figures(row)
-  # The port is the same network: parameter for parameter.
+  # The port is the same network: parameter for parameter, on the backbone asked for.
   assert len({r["num_params"] for r in rows}) == 1
+  assert {r["backbone"] for r in rows} == {"w18_tiny"}
 
   torch_rows = {r["impl"]: r for r in rows if r["framework"] == "torch"}
   for row, pair in ((rows[0], "materialized"), (rows[1], "sdpa")):
@@ -147,3 +148,18 @@ def test_the_port_refuses_what_it_does_not_implement():
   with pytest.raises(ValueError, match=r"does not implement \{'model.tpim.ifb_products': "
                                        r"'float32'\}"):
     port.check_config_covered(config)
+
+
+def test_the_backbone_choices_are_the_models_variants():
+  from iterfuse_jax.models.hrnet import HRNET_VARIANTS  # pylint: disable=g-import-not-at-top
+
+  assert set(train_step.BACKBONE_NAMES) == set(HRNET_VARIANTS)
+  config = train_step.benchmark_config(train_step.Setting(
+      framework="torch", impl="materialized", dataset="pascal", height=32, width=32, batch=2,
+      n_iter=1, variant="C", task_channels=8, dtype="float32", steps=1, warmup=0,
+      backbone="w18_tiny"))
+  assert config.model.backbone == "w18_tiny"
+  train_step.torch_port().check_config_covered(config)
+  config.model.backbone = "w32"
+  with pytest.raises(ValueError, match=r"does not implement \{'model.backbone': 'w32'\}"):
+    train_step.torch_port().check_config_covered(config)
