@@ -166,12 +166,13 @@ def test_bfloat16_compute_keeps_float32_params_and_outputs():
   config = tiny_config(dtype="bfloat16")
   model = models.build_model(config)
   images = _images(batch=1)
-  variables = model.init(jax.random.key(0), images)
+  # Jitted: op-by-op, the two networks took a minute on a 2-core CPU.
+  variables = jax.jit(model.init)(jax.random.key(0), images)
   leaves = jax.tree_util.tree_leaves(variables["params"])
   assert all(x.dtype == jnp.float32 for x in leaves)
   out = jax.jit(lambda v, x: model.apply(v, x))(variables, images)
   ref_model = models.build_model(tiny_config())
-  ref = ref_model.apply(variables, images)
+  ref = jax.jit(lambda v, x: ref_model.apply(v, x))(variables, images)
   for task in ("semseg", "depth"):
     assert out["final"][task].dtype == jnp.float32
     a, b = np.asarray(out["final"][task]), np.asarray(ref["final"][task])
