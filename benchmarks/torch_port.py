@@ -6,8 +6,8 @@ timed is what is proven equal. As in the survey code, BatchNorm momentum is 0.01
 backbone and PyTorch's default 0.1 everywhere else, eps 1e-5; the layers outside the backbone keep
 PyTorch's default initialisation. The backbone is timm's HRNet of `config.model.backbone`
 (`hrnet_w18_small_v2` for the paper's configs: the published ImageNet weights' layout) with the
-segmentation codebases' exact-size bilinear fuse. Importing this
-module imports torch and timm: JAX-only code never imports it.
+segmentation codebases' exact-size bilinear fuse. Importing this module imports torch and timm:
+JAX-only code never imports it.
 """
 
 from __future__ import annotations

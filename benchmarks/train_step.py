@@ -3,9 +3,10 @@
 JAX side: the IterFuse network built by `build_model` from `configs/default.py` (with this
 script's overrides), trained by the real `iterfuse_jax.train.train_step`, jitted on a 1-device
 mesh with the train state donated, exactly as `train_and_evaluate` jits it. PyTorch side: the same
-network written below in eager PyTorch on timm's HRNet of the same variant (`hrnet_w18_small_v2` by
-default, `--backbone`; features_only, the four raw branches; its fuse layers resize bilinearly to the exact branch size like our default
-`fuse_upsample="bilinear"` instead of timm's nearest x2^k), per-task initial modules and heads,
+network written below in eager PyTorch on timm's HRNet of the same variant (`hrnet_w18_small_v2`
+by default, `--backbone`; features_only, the four raw branches; its fuse layers resize bilinearly
+to the exact branch size like our default `fuse_upsample="bilinear"` instead of timm's nearest
+x2^k), per-task initial modules and heads,
 the TPIM of CIBs (spatial self-attention + pixel-wise global attention + the IFB loop of the same
 variant and n_iter), the same losses and weights on intermediate and final predictions, and Adam
 with L2 weight decay added to the gradient (`torch.optim.Adam(weight_decay=...)`, as our
