@@ -61,9 +61,14 @@ threadpoolctl tifffile tiktoken timm tokenizers toolz torch torchaudio torchdiff
 torchmetrics torchvision tqdm transformers treescope triton typer typing-extensions typing-inspect
 urllib3 uvloop wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp
 """.split())
-# The versions a session's `pip list` showed there (KINDS.md); the others are unknown here.
+# The versions known there: a session's `pip list` (KINDS.md) and what gpu_check printed on a
+# visit; the others are unknown here.
 IMAGE_VERSIONS = {"python": "3.12.3", "jax": "0.11.2", "jaxlib": "0.11.2", "numpy": "2.5.2",
-                  "torch": "2.11.0", "torchvision": "0.26.0", "triton": "3.6.0"}
+                  "torch": "2.11.0", "torchvision": "0.26.0", "triton": "3.6.0",
+                  # Printed by gpu_check on the H200, 2026-11-27 (gpu_runs/2026-11-27_h200).
+                  "flax": "0.12.10", "optax": "0.2.8", "orbax-checkpoint": "0.12.4",
+                  "chex": "0.1.92", "timm": "1.0.29", "protobuf": "7.36.2", "etils": "1.14.0",
+                  "absl-py": "2.5.0", "pyyaml": "6.0.3", "wrapt": "2.5.0"}
 # Absent there, and what the GPU-side code of this project must do without.
 DATA_PIPELINE_DISTRIBUTIONS = ("grain", "array-record", "tensorflow-datasets")
 TENSORFLOW_DISTRIBUTIONS = ("tensorflow", "tensorflow-cpu", "tensorflow-io-gcs-filesystem",

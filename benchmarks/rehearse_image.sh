@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Rehearses a GPU visit on the CPU with the GPU image's versions: Python 3.12, jax/jaxlib 0.11.2,
-# numpy 2.5.2, torch 2.11.0, torchvision 0.26.0 (benchmarks/gpu_image.py IMAGE_VERSIONS), the
-# image's other packages at their newest compatible versions, no TensorFlow, and the wheels of
-# .whl/ installed on top, as the visit installs them. What gpu_image.py's simulation cannot show
+# numpy 2.5.2, torch 2.11.0, flax 0.12.10, optax, orbax-checkpoint, timm and the others known
+# (benchmarks/gpu_image.py IMAGE_VERSIONS: a session's pip list and what the first visit printed),
+# the image's other packages at their newest compatible versions, no TensorFlow, and the wheels
+# of .whl/ installed on top, as the visit installs them. What gpu_image.py's simulation cannot show
 # (it runs this machine's versions) shows here: an API that changed between jax 0.10 and 0.11, a
 # package the code needs that only TensorFlow brought.
 #
