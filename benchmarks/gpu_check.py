@@ -948,9 +948,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "compile bf16'): a second command goes on where the first stopped")
   parser.add_argument("--tests-s", type=float, default=200.0, help="limit of the tests phase")
   parser.add_argument("--tests-workers", type=int, default=-1,
-                      help="pytest processes of the tests phase (pytest-xdist); -1: a quarter of "
-                      "the cores, at most 4, on a GPU (their many small compilations run side by "
-                      "side), 2 on a dry run")
+                      help="pytest processes of the tests phase (pytest-xdist); -1: half the "
+                      "cores, at most 8, on a GPU (their many small compilations run side by "
+                      "side; nothing else runs then but the FLOP count), 2 on a dry run")
   parser.add_argument("--precompile", type=int, default=0,
                       help="JAX rows compiled ahead at a time, during the tests (0: each row "
                       "compiles itself, alone on the machine, so that its compile time is its "
@@ -1028,7 +1028,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       targets_ = TINY_TESTS if args.tiny else GPU_TESTS
       workers = args.tests_workers
       if workers < 0:
-        workers = 2 if args.tiny else max(1, min(4, (os.cpu_count() or 1) // 4))
+        workers = 2 if args.tiny else max(1, min(8, (os.cpu_count() or 1) // 2))
       tests = tests_phase(targets_, tests_deadline, outdir / "tests.log",
                           "cpu" if args.tiny else "gpu", workers)
     else:
