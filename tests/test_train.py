@@ -205,8 +205,37 @@ def test_killed_run_resumes_mid_epoch_exactly(finished_run, tmp_path, data_dir, 
   # Step 3 ends the first batch of the second epoch (2 steps per epoch).
   assert checkpoints.committed_steps(tmp_path / "checkpoints") == [3]
 
-  train.train_and_evaluate(config, str(tmp_path))  # resumes from step 3
+  # Resumes from step 3, restoring into the state's structure: nothing is initialised.
+  monkeypatch.setattr(train, "create_train_state", _must_not_initialise)
+  train.train_and_evaluate(config, str(tmp_path))
   assert_same_run(tmp_path, reference, config)
+
+
+def _must_not_initialise(*args, **kwargs):
+  raise AssertionError("a train state was initialised where a checkpoint is restored")
+
+
+@pytest.mark.slow
+def test_the_initialisation_compiled_for_speed_gives_the_default_bits(data_dir):
+  """create_train_state compiles the initialisation at LLVM optimisation level 1
+  (train.INIT_COMPILER_OPTIONS) to shorten its compile: the demo network's initial state is the
+  one XLA's defaults give, bit for bit, and abstract_train_state describes it exactly."""
+  config = tiny_config(data_dir)
+  model = train.build_model(config)
+  tx = train.create_optimizer(config, train.create_learning_rate_schedule(config, 2))
+  mesh = train.create_mesh(1)
+  shape = (1, *SIZE, 3)
+  state = train.create_train_state(config, model, tx, jax.random.key(3), shape, mesh)
+  init = train._initializer(config, model, tx, shape)  # pylint: disable=protected-access
+  default = jax.jit(init)(jax.random.key(3))  # XLA's default compiler options
+  leaves, default_leaves = jax.tree.leaves(state), jax.tree.leaves(default)
+  assert len(leaves) == len(default_leaves) > 500
+  for got, want in zip(leaves, default_leaves):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  abstract = train.abstract_train_state(config, model, tx, shape, mesh)
+  assert jax.tree.structure(abstract) == jax.tree.structure(state)
+  assert all((a.shape, a.dtype, a.sharding) == (s.shape, s.dtype, s.sharding)
+             for a, s in zip(jax.tree.leaves(abstract), leaves))
 
 
 def test_a_deterministic_run_compiles_every_jit_with_the_options(finished_run, tmp_path,
@@ -234,12 +263,16 @@ def test_a_deterministic_run_compiles_every_jit_with_the_options(finished_run, t
   predictor.predict(np.zeros((20, 30, 3), np.uint8))
   monkeypatch.undo()
 
-  # Initialisation, train step, evaluation and prediction (twice: the run and --mode eval), the
-  # predictor's forward.
+  # Initialisation, train step, evaluation and prediction; evaluation and prediction again
+  # (--mode eval restores without initialising); the predictor's forward.
   callers = [caller for caller, *_ in calls]
-  assert callers.count("iterfuse_jax.train") >= 7 and "iterfuse_jax.inference" in callers, calls
-  without = [c for c in calls if c[2] != determinism.DETERMINISTIC_GPU_OPTIONS]
+  assert callers.count("iterfuse_jax.train") >= 6 and "iterfuse_jax.inference" in callers, calls
+  deterministic = determinism.DETERMINISTIC_GPU_OPTIONS.items()
+  without = [c for c in calls if not deterministic <= (c[2] or {}).items()]
   assert not without, without
+  # The initialisation also compiles for speed (same bits: the test above).
+  assert [c[2] for c in calls if "_initializer" in c[1]] == [
+      {**determinism.DETERMINISTIC_GPU_OPTIONS, **train.INIT_COMPILER_OPTIONS}], calls
   assert_same_run(tmp_path, reference, config)
 
 
@@ -267,9 +300,12 @@ def test_unreadable_or_incomplete_latest_checkpoint_is_skipped(finished_run, tmp
   assert_same_run(workdir, reference, config)  # resumed from step 6
 
 
-def test_eval_mode_reproduces_the_last_and_the_best_evaluation(finished_run, data_dir):
+def test_eval_mode_reproduces_the_last_and_the_best_evaluation(finished_run, data_dir,
+                                                                monkeypatch):
   config, workdir, *_ = finished_run
-  again = train.evaluate_checkpoint(config, str(workdir), which="latest")
+  with monkeypatch.context() as patch:
+    patch.setattr(train, "create_train_state", _must_not_initialise)
+    again = train.evaluate_checkpoint(config, str(workdir), which="latest")
   for key, value in _read_json(workdir / "metrics.json").items():
     np.testing.assert_allclose(again[key], value, rtol=1e-4, atol=1e-6, err_msg=key)
   # As a user asks for it, with the library logs on the console (-v).
