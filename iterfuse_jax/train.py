@@ -176,9 +176,9 @@ def create_mesh(num_devices: int = -1) -> Mesh:
 
 
 # Compiling the initialisation is mostly LLVM optimising one random-number kernel per parameter
-# tensor, for a function that runs once. At optimisation level 1 it compiles about 30% faster
-# (on a 2-core CPU: the paper's NYUD model 44 -> 31 s, PASCAL-Context with W18 96 -> 82 s,
-# the tiny demo's 24 -> 15 s), with the same bits (tests/test_train.py; level 0 changes them).
+# tensor, for a function that runs once. At optimisation level 1 it compiles faster (on a
+# 2-core CPU: the paper's NYUD model 44 -> 31 s, PASCAL-Context with W18 96 -> 82 s, the tiny
+# demo's 24 -> 15 s) and gives the same bits (tests/test_train.py; level 0 changes them).
 INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 
 
