@@ -215,7 +215,8 @@ def create_train_state(config: ml_collections.ConfigDict, model, tx, rng: jax.Ar
                        input_shape: tuple[int, ...], mesh: Mesh) -> TrainState:
   """Initialises parameters, BatchNorm statistics and optimiser state, replicated on `mesh`.
 
-  A converted ImageNet backbone (`config.model.pretrained`) is read before the initialisation is
+  It compiles and runs the initialisation (not to be traced: abstract_train_state gives the
+  state's shapes without computing it). A converted ImageNet backbone (`config.model.pretrained`) is read before the initialisation is
   compiled, so that a wrong folder or variant is reported in seconds, not after the compile.
   """
   pretrained = None

@@ -93,9 +93,8 @@ def test_real_xla_out_of_memory_of_the_train_step_is_explained():
   mesh = train.create_mesh(1)
   # Zeros of the state's shapes: the step fails before computing, so no initialisation (and no
   # compilation of it) is needed; XLA's cheap passes keep Co materialized all the same.
-  abstract = jax.eval_shape(
-      lambda key: train.create_train_state(config, model, train.create_optimizer(config, schedule),
-                                           key, (1, 32, 32, 3), mesh), jax.random.key(0))
+  abstract = train.abstract_train_state(config, model, train.create_optimizer(config, schedule),
+                                        (1, 32, 32, 3), mesh)
   state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
   config.dataset.train_size = (8192, 2048)
   batch = bench.random_batch("nyud", tasks, 1, 8192, 2048, 0)

@@ -42,9 +42,7 @@ def _jitted_step_and_args(dtype: str, impl: str, ifb_products: str = "model"):
   schedule = train.create_learning_rate_schedule(config, 10)
   tx = train.create_optimizer(config, schedule)
   mesh = train.create_mesh(1)
-  state = jax.eval_shape(
-      lambda key: train.create_train_state(config, model, tx, key, (1, SIZE, SIZE, 3), mesh),
-      jax.random.key(0))
+  state = train.abstract_train_state(config, model, tx, (1, SIZE, SIZE, 3), mesh)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
            for k, v in bench.random_batch("nyud", TASKS, 2, SIZE, SIZE, 0).items()}
   step = jax.jit(functools.partial(train.train_step, tasks=TASKS,
