@@ -9,7 +9,9 @@ kernel (the event's own name without a trailing "_N" or ".N": a cuBLAS or cuDNN 
 fusion's kind; on a CPU the thunk's HLO name), divided by the number of profiled steps. The
 per-kernel table sees inside CUDA-graph command buffers, which XLA on a GPU records as one
 "command_buffer_N" operation each: the H200's first profile (benchmarks/README.md) showed four
-of them as half of the step, with nothing of what ran inside.
+of them as half of the step, with nothing of what ran inside. Each operation's row names its two
+heaviest kernels and their shares of its time (that first summary named each operation's first
+kernel, a copy, which said nothing about where a loop's time went).
 
   python -m benchmarks.profile_summary /tmp/trace --steps 3
 """
@@ -64,34 +66,46 @@ def summarize(directory: str | pathlib.Path, steps: int = 1, top: int = 15,
   source = "device" if events["device"] else "host"
   chosen = events[source]
   in_module = [e for e in chosen if module_contains and module_contains in e[1]]
-  chosen = in_module or chosen
-  per_op = collections.defaultdict(lambda: [0.0, 0, ""])
+  return summarize_events(in_module or chosen, f"{source} events with an hlo_op ({path.name})",
+                          steps, top)
+
+
+def summarize_events(events: Sequence[tuple[str, str, str, float]], source: str,
+                     steps: int = 1, top: int = 15) -> dict:
+  """The summary of `events`, (hlo_op, hlo_module, kernel name, duration in ns) each.
+
+  An operation's row names its heaviest kernels and their shares of its time: a CUDA-graph
+  command buffer (an XLA loop, say) is one operation whose kernels are many.
+  """
+  per_op = collections.defaultdict(lambda: [0.0, 0])
+  op_kernels = collections.defaultdict(collections.Counter)  # op: {kernel kind: ns}
   per_kind = collections.defaultdict(lambda: [0.0, 0])
   per_kernel = collections.defaultdict(lambda: [0.0, 0])
-  for op, _, name, ns in chosen:
+  for op, _, name, ns in events:
     kernel = per_kernel[_kernel_kind(name)]
     kernel[0] += ns
     kernel[1] += 1
     per_op[op][0] += ns
     per_op[op][1] += 1
-    per_op[op][2] = per_op[op][2] or name
+    op_kernels[op][_kernel_kind(name)] += ns
     per_kind[_kind(op)][0] += ns
     per_kind[_kind(op)][1] += 1
   total = sum(v[0] for v in per_op.values()) or 1.0
   steps = max(1, steps)
 
-  def rows(table, with_kernel):
+  def rows(table, with_kernels):
     out = []
     for name, values in sorted(table.items(), key=lambda kv: -kv[1][0])[:top]:
       row = {"name": name, "ms_per_step": values[0] / 1e6 / steps,
              "percent": 100.0 * values[0] / total, "events_per_step": values[1] / steps}
-      if with_kernel and values[2] != name:
-        row["kernel"] = values[2][:120]
+      heaviest = op_kernels[name].most_common(2) if with_kernels else []
+      if heaviest and [k for k, _ in heaviest] != [_kernel_kind(name)]:
+        row["kernels"] = [{"name": k[:120], "percent_of_op": 100.0 * ns / (values[0] or 1.0)}
+                          for k, ns in heaviest]
       out.append(row)
     return out
 
-  return {"source": f"{source} events with an hlo_op ({path.name})",
-          "ms_per_step": total / 1e6 / steps, "events": len(chosen),
+  return {"source": source, "ms_per_step": total / 1e6 / steps, "events": len(events),
           "top_ops": rows(per_op, True), "top_kinds": rows(per_kind, False),
           "top_kernels": rows(per_kernel, False)}
 
@@ -103,7 +117,8 @@ def format_summary(summary: dict) -> str:
             for r in summary["top_kinds"]]
   lines.append(f"{'ms/step':>9s} {'%':>6s}  top operations")
   lines += [f"{r['ms_per_step']:9.3f} {r['percent']:6.1f}  {r['name']}"
-            + (f"  [{r['kernel']}]" if "kernel" in r else "") for r in summary["top_ops"]]
+            + ("  [" + ", ".join(f"{k['name']} {k['percent_of_op']:.0f}%" for k in r["kernels"])
+               + "]" if r.get("kernels") else "") for r in summary["top_ops"]]
   if summary.get("top_kernels"):
     lines.append(f"{'ms/step':>9s} {'%':>6s}  top kernels (inside command buffers too)")
     lines += [f"{r['ms_per_step']:9.3f} {r['percent']:6.1f}  {r['name']}"

@@ -338,6 +338,25 @@ def test_profile_summary_reads_a_real_trace(tmp_path):
     profile_summary.summarize(tmp_path / "empty")
 
 
+def test_profile_summary_names_the_heaviest_kernels_inside_an_operation():
+  """A CUDA-graph command buffer (an XLA loop) is one operation of many kernels: its row names
+  the two heaviest with their shares, not the first to run."""
+  events = [("command_buffer_12", "jit_train_step", "memcpy32_post", 1e3)]
+  for i in range(4):
+    events += [("command_buffer_12", "jit_train_step", f"sm90_xmma_gemm_bf16_{i}", 60e3),
+               ("command_buffer_12", "jit_train_step", f"loop_add_fusion_{i}", 15e3)]
+  events.append(("cudnn-conv.3", "jit_train_step", "cudnn-conv.3", 100e3))
+  summary = profile_summary.summarize_events(events, "test events", steps=2)
+  loop, conv = summary["top_ops"]
+  assert (loop["name"], loop["ms_per_step"]) == ("command_buffer_12", 0.1505)
+  assert [(k["name"], round(k["percent_of_op"], 1)) for k in loop["kernels"]] == [
+      ("sm90_xmma_gemm_bf16", 79.7), ("loop_add_fusion", 19.9)]
+  assert "kernels" not in conv  # one kernel, its own name
+  text = profile_summary.format_summary(summary)
+  assert "command_buffer_12  [sm90_xmma_gemm_bf16 80%, loop_add_fusion 20%]" in text
+  assert summary["top_kernels"][0]["name"] == "sm90_xmma_gemm_bf16"
+
+
 def _fake_wheel(path, name, requires):
   with zipfile.ZipFile(path, "w") as z:
     meta = "\n".join(["Metadata-Version: 2.1", f"Name: {name}", "Version: 1.0",
