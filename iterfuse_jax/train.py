@@ -216,8 +216,9 @@ def create_train_state(config: ml_collections.ConfigDict, model, tx, rng: jax.Ar
   """Initialises parameters, BatchNorm statistics and optimiser state, replicated on `mesh`.
 
   It compiles and runs the initialisation (not to be traced: abstract_train_state gives the
-  state's shapes without computing it). A converted ImageNet backbone (`config.model.pretrained`) is read before the initialisation is
-  compiled, so that a wrong folder or variant is reported in seconds, not after the compile.
+  state's shapes without computing it). A converted ImageNet backbone (`config.model.pretrained`)
+  is read before the initialisation is compiled, so that a wrong folder or variant is reported in
+  seconds, not after the compile.
   """
   pretrained = None
   if config.model.pretrained:
@@ -225,11 +226,10 @@ def create_train_state(config: ml_collections.ConfigDict, model, tx, rng: jax.Ar
     pretrained = convert_imagenet.load_backbone_variables(config.model.pretrained,
                                                           config.model.backbone)
 
-  init = _initializer(config, model, tx, input_shape)
   replicated = NamedSharding(mesh, PartitionSpec())
-  abstract = jax.eval_shape(init, rng)
   options = {**(determinism.compiler_options(config) or {}), **INIT_COMPILER_OPTIONS}
-  state = jax.jit(init, out_shardings=jax.tree.map(lambda _: replicated, abstract),
+  # One sharding for the whole output tree: every leaf replicated.
+  state = jax.jit(_initializer(config, model, tx, input_shape), out_shardings=replicated,
                   compiler_options=options)(rng)
   if pretrained is not None:
     state = insert_pretrained_backbone(state, pretrained, config.model.pretrained, replicated)
@@ -537,17 +537,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model = build_model(config)
   schedule = create_learning_rate_schedule(config, epoch_steps)
   tx = create_optimizer(config, schedule)
-  h, w = config.dataset.train_size
+  input_shape = (1, *config.dataset.train_size, 3)
   checkpoints = RunCheckpoints(workdir, config.keep_checkpoints)
   # A resumed run restores into the state's structure; only a new run initialises one.
   restored = checkpoints.restore_latest(
-      abstract_train_state(config, model, tx, (1, h, w, 3), mesh), train_iter)
+      abstract_train_state(config, model, tx, input_shape, mesh), train_iter)
   start_step = 0
   if restored is not None:
     state, start_step = restored
   else:
-    state = create_train_state(config, model, tx, jax.random.key(config.seed), (1, h, w, 3),
-                               mesh)
+    state = create_train_state(config, model, tx, jax.random.key(config.seed), input_shape, mesh)
   last_saved = start_step if restored is not None else None
   if start_step > total_steps:
     raise ValueError(f"the newest checkpoint in {workdir / 'checkpoints'} is of step "
@@ -714,11 +713,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   mesh = create_mesh(config.num_devices)
   data_sharding = NamedSharding(mesh, PartitionSpec("data"))
   model = build_model(config)
-  h, w = config.dataset.train_size
   tx = create_optimizer(config, lambda step: 0.0)
   checkpoints = RunCheckpoints(workdir, config.keep_checkpoints, read_only=True)
   state, step = checkpoints.restore_state(
-      abstract_train_state(config, model, tx, (1, h, w, 3), mesh), which)
+      abstract_train_state(config, model, tx, (1, *config.dataset.train_size, 3), mesh), which)
   metrics_cls = metrics.make_eval_metrics(tasks, config.dataset.name)
   options = determinism.compiler_options(config)
   jitted_eval = jax.jit(functools.partial(eval_step, tasks=tasks, metrics_cls=metrics_cls,

@@ -35,6 +35,7 @@ from benchmarks.train_step import random_batch  # noqa: E402
 from configs import nyud_ifbC, pascal_ifbC  # noqa: E402
 from iterfuse_jax import losses, train  # noqa: E402
 from iterfuse_jax.models import build_model  # noqa: E402
+from iterfuse_jax.models.hrnet import PUBLISHED_VARIANTS  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -254,7 +255,7 @@ def test_the_ports_timm_architectures_are_timms_own():
     return {k: {kk: tuple(vv) if isinstance(vv, (list, tuple)) else vv for kk, vv in v.items()}
             if isinstance(v, dict) else v for k, v in arch.items()}
 
-  for variant in ("w18_small_v2", "w18"):
+  for variant in PUBLISHED_VARIANTS:
     assert canonical(port.timm_arch_config(variant)) == canonical(
         timm_hrnet.cfg_cls[f"hrnet_{variant}"]), variant
   tiny = port.timm_arch_config("w18_tiny")
