@@ -56,15 +56,17 @@ def make_backbone(model_config: ml_collections.ConfigDict, dtype) -> nn.Module:
 
 def tpim_from_config(tasks: tuple[str, ...], model_config: ml_collections.ConfigDict,
                      dtype) -> TaskPairInteractionModule:
-  """The TPIM with the CIB settings of `model_config.tpim`."""
-  tpim = model_config.tpim
-  return TaskPairInteractionModule(
-      tasks=tasks, channels=model_config.task_channels, qk_channels=tpim.qk_channels or None,
-      scale=tpim.scale, use_ifb=tpim.use_ifb, variant=tpim.variant, n_iter=tpim.n_iter,
-      alpha_init=tpim.alpha_init, ifb_impl=tpim.ifb_impl,
+  """The TPIM with the CIB settings of `model_config.tpim`; a bad setting raises here."""
+  options = model_config.tpim
+  tpim = TaskPairInteractionModule(
+      tasks=tasks, channels=model_config.task_channels, qk_channels=options.qk_channels or None,
+      scale=options.scale, use_ifb=options.use_ifb, variant=options.variant,
+      n_iter=options.n_iter, alpha_init=options.alpha_init, ifb_impl=options.ifb_impl,
       # A run's config.json from before the option: its IFB products were float32.
-      ifb_products=tpim.get("ifb_products", "float32"),
-      ifb_gradient=tpim.get("ifb_gradient", "stacked"), dtype=dtype)
+      ifb_products=options.get("ifb_products", "float32"),
+      ifb_gradient=options.get("ifb_gradient", "stacked"), dtype=dtype)
+  tpim.check_options()
+  return tpim
 
 
 def _iterfuse(config: ml_collections.ConfigDict, tasks, num_outputs, dtype) -> nn.Module:

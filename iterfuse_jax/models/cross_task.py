@@ -88,7 +88,9 @@ class CrossTaskInteractionBlock(nn.Module):
   ifb_gradient: str = "stacked"
   dtype: Dtype = jnp.float32
 
-  def _check(self, f_s: jax.Array, f_t: jax.Array) -> None:
+  def check_options(self) -> None:
+    """Raises a ValueError for a bad static option: `build_model` calls it, so that a bad config
+    fails when the model is built, before anything is traced or compiled."""
     check_ifb_args(self.variant, self.n_iter)
     if self.ifb_impl not in IFB_IMPLEMENTATIONS:
       raise ValueError(
@@ -106,6 +108,9 @@ class CrossTaskInteractionBlock(nn.Module):
                        f"{list(IFB_GRADIENTS)}")
     if not isinstance(self.scale, int) or self.scale < 1:
       raise ValueError(f"scale must be a positive int, got {self.scale!r}")
+
+  def _check(self, f_s: jax.Array, f_t: jax.Array) -> None:
+    self.check_options()
     for name, f in (("f_s", f_s), ("f_t", f_t)):
       if f.ndim != 4 or f.shape[-1] != self.channels:
         raise ValueError(
@@ -176,6 +181,14 @@ class TaskPairInteractionModule(nn.Module):
   ifb_products: str = "model"
   ifb_gradient: str = "stacked"
   dtype: Dtype = jnp.float32
+
+  def check_options(self) -> None:
+    """Raises a ValueError for a bad static option of its blocks (see the block's)."""
+    CrossTaskInteractionBlock(
+        channels=self.channels, qk_channels=self.qk_channels, scale=self.scale,
+        use_ifb=self.use_ifb, variant=self.variant, n_iter=self.n_iter,
+        alpha_init=self.alpha_init, ifb_impl=self.ifb_impl, ifb_products=self.ifb_products,
+        ifb_gradient=self.ifb_gradient, dtype=self.dtype, parent=None).check_options()
 
   @nn.compact
   def __call__(self, features: Mapping[str, jax.Array], train: bool) -> dict[str, jax.Array]:
