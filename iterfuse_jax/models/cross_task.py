@@ -182,13 +182,17 @@ class TaskPairInteractionModule(nn.Module):
   ifb_gradient: str = "stacked"
   dtype: Dtype = jnp.float32
 
-  def check_options(self) -> None:
-    """Raises a ValueError for a bad static option of its blocks (see the block's)."""
-    CrossTaskInteractionBlock(
+  def _block_settings(self) -> dict:
+    """The settings of each of its CrossTaskInteractionBlocks."""
+    return dict(
         channels=self.channels, qk_channels=self.qk_channels, scale=self.scale,
         use_ifb=self.use_ifb, variant=self.variant, n_iter=self.n_iter,
         alpha_init=self.alpha_init, ifb_impl=self.ifb_impl, ifb_products=self.ifb_products,
-        ifb_gradient=self.ifb_gradient, dtype=self.dtype, parent=None).check_options()
+        ifb_gradient=self.ifb_gradient, dtype=self.dtype)
+
+  def check_options(self) -> None:
+    """Raises a ValueError for a bad static option of its blocks (see the block's)."""
+    CrossTaskInteractionBlock(**self._block_settings(), parent=None).check_options()
 
   @nn.compact
   def __call__(self, features: Mapping[str, jax.Array], train: bool) -> dict[str, jax.Array]:
@@ -201,12 +205,8 @@ class TaskPairInteractionModule(nn.Module):
       for source in self.tasks:
         if source == target:
           continue
-        block = CrossTaskInteractionBlock(
-            channels=self.channels, qk_channels=self.qk_channels, scale=self.scale,
-            use_ifb=self.use_ifb, variant=self.variant, n_iter=self.n_iter,
-            alpha_init=self.alpha_init, ifb_impl=self.ifb_impl,
-            ifb_products=self.ifb_products, ifb_gradient=self.ifb_gradient, dtype=self.dtype,
-            name=f"cib_{source}_to_{target}")
+        block = CrossTaskInteractionBlock(**self._block_settings(),
+                                          name=f"cib_{source}_to_{target}")
         total = total + block(features[source], features[target], train)
       out[target] = total
     return out
