@@ -69,8 +69,17 @@ def shared_data_dir() -> pathlib.Path:
 def compilation_cache(tmp_path_factory):
   """One persistent compilation cache for the whole session, subprocesses (launch.py, notebook
   kernels) included: the tiny network's steps compile once. JAX_COMPILATION_CACHE_DIR, if set,
-  names a cache to keep across sessions."""
-  path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(tmp_path_factory.mktemp("jax_cache"))
+  names a cache to keep across sessions. Under pytest-xdist (`-n 2`, README.md's command) the
+  workers share one cache in the run's common temporary folder: each would otherwise compile the
+  same tiny-network steps again."""
+  path = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+  if not path:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+      # The workers' base folders are siblings (popen-gw0, popen-gw1) in this run's own folder.
+      path = str(tmp_path_factory.getbasetemp().parent / "jax_cache")
+      os.makedirs(path, exist_ok=True)
+    else:
+      path = str(tmp_path_factory.mktemp("jax_cache"))
   env = pytest.MonkeyPatch()
   env.setenv("JAX_COMPILATION_CACHE_DIR", path)
   env.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
