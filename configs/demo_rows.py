@@ -4,8 +4,8 @@
   python launch.py --config configs/demo_rows.py:pascal_padnet --workdir /tmp/demo/pascal_padnet
   python -m iterfuse_jax.compare /tmp/demo/* --out /tmp/demo/table.md
 
-The argument is a row ("stl", "mtl", "padnet", "mtinet", "densemtl", "noifb", "ifbA", "ifbB",
-"ifbC"), optionally prefixed by the dataset ("pascal_ifbC"; default nyud) and "full_" for the
+The argument is a row ("stl", "mtl", "padnet", "mtinet", "densemtl", "atrc", "noifb", "ifbA",
+"ifbB", "ifbC"), optionally prefixed by the dataset ("pascal_ifbC"; default nyud) and "full_" for the
 survey's full task sets ("nyud_full_ifbC", "pascal_full_stl"; rows stl, mtl, padnet, mtinet,
 densemtl, ifbC). The row's model and tasks come from `configs/<dataset>_[full_]<row>.py`;
 data, sizes, model width and training length come from
@@ -18,7 +18,7 @@ import importlib
 
 from configs import demo
 
-ROWS = ("stl", "mtl", "padnet", "mtinet", "densemtl", "noifb", "ifbA", "ifbB", "ifbC")
+ROWS = ("stl", "mtl", "padnet", "mtinet", "densemtl", "atrc", "noifb", "ifbA", "ifbB", "ifbC")
 FULL_ROWS = ("stl", "mtl", "padnet", "mtinet", "densemtl", "ifbC")
 
 

@@ -53,9 +53,9 @@ CHECKPOINT_TEXT = {
 TASK_TITLES = {"semseg": "SemSeg", "depth": "Depth", "human_parts": "PartSeg", "sal": "Sal",
                "normals": "Normals", "edge": "Edge"}
 MODEL_TITLES = {"stl": "STL", "mtl": "MTL", "padnet": "PAD-Net", "mtinet": "MTI-Net",
-                "densemtl": "DenseMTL"}
+                "densemtl": "DenseMTL", "atrc": "ATRC"}
 # Rows appear in the paper's order (Table 2, then Table 3's IFB ablation); ties keep input order.
-ROW_ORDER = ("stl", "mtl", "padnet", "mtinet", "densemtl", "iterfuse")
+ROW_ORDER = ("stl", "mtl", "padnet", "mtinet", "densemtl", "atrc", "iterfuse")
 IFB_ORDER = ("none", "A", "B", "C")
 
 
@@ -105,7 +105,9 @@ class Run:
     return MODEL_TITLES.get(name, name)
 
   def settings(self) -> str:
-    """What distinguishes runs of one model in the ablations (IFB iterations and alpha_0)."""
+    """What distinguishes runs of one model: IFB iterations and alpha_0; ATRC's contexts."""
+    if self.model_name == "atrc":
+      return self._atrc_settings()
     if self.model_name != "iterfuse":
       return ""
     tpim = self.config.model.tpim
@@ -115,6 +117,18 @@ class Run:
     if tpim.variant != "A":
       text += f", α₀={tpim.alpha_init:g}"
     return text
+
+  def _atrc_settings(self) -> str:
+    # One context for all pairs (ATRC's single-context baselines), or each target's row.
+    from iterfuse_jax.models import build  # pylint: disable=g-import-not-at-top
+    options = self.config.model.get("atrc") or {}
+    tasks = tuple(self.config.dataset.tasks)
+    genotype = build.load_atrc_genotype(options.get("genotype", "global"), tasks)
+    kinds = {genotype[t][s] for t in tasks for s in tasks}
+    if len(kinds) == 1:
+      return f"contexts: all {kinds.pop()}"
+    return "; ".join(f"{TASK_TITLES.get(t, t)} ← " + ", ".join(
+        f"{TASK_TITLES.get(s, s)} {genotype[t][s]}" for s in tasks) for t in tasks)
 
   def sort_key(self) -> tuple[int, int]:
     name = self.model_name

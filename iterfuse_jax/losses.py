@@ -26,6 +26,13 @@ Conventions (the MTL survey code of Vandenhende et al., see ../shared/REFERENCE.
     MTI-Net's coarser-scale ones "initial_scale1".."initial_scale3", and the "final" predictions)
     and tasks of weight[task] * loss; the intermediate predictions get the same losses and
     weights as the final ones (the survey code's PAD-Net / MTI-Net convention).
+  * ATRC's auxiliary label predictions (level "aux", only the tasks whose class probabilities
+    a label context uses) are classifications of every task, with ATRC's losses (`aux_loss`)
+    and the task's weight: segmentation cross-entropy; saliency two-class cross-entropy with
+    the batch-balanced class weights (1 - w, w), w = #negatives / #valid; edge two-class
+    cross-entropy with class weights (1 - edge_w, edge_w); depth cross-entropy over 40 bins
+    uniform in log depth from 0.7 m to 10 m (below and above clipped to the end bins), depth 0
+    and 255 ignored. Each is divided by the number of valid pixels.
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 # "final", and every deep-supervision level, whose name starts with "initial".
 FINAL_LEVEL = "final"
 DEEP_SUPERVISION_PREFIX = "initial"
+# ATRC's auxiliary label predictions: their own losses (aux_loss), for the tasks present.
+AUX_LEVEL = "aux"
 
 
 def supervision_levels(outputs: Mapping[str, object]) -> list[str]:
@@ -51,11 +60,11 @@ def supervision_levels(outputs: Mapping[str, object]) -> list[str]:
 
   Raises a ValueError for a level that is neither.
   """
-  unknown = sorted(k for k in outputs
-                   if k != FINAL_LEVEL and not k.startswith(DEEP_SUPERVISION_PREFIX))
+  unknown = sorted(k for k in outputs if k not in (FINAL_LEVEL, AUX_LEVEL)
+                   and not k.startswith(DEEP_SUPERVISION_PREFIX))
   if unknown:
-    raise ValueError(f"multitask_loss: unknown output levels {unknown}; expected 'final' and "
-                     f"levels named '{DEEP_SUPERVISION_PREFIX}*'")
+    raise ValueError(f"multitask_loss: unknown output levels {unknown}; expected 'final', "
+                     f"'{AUX_LEVEL}' and levels named '{DEEP_SUPERVISION_PREFIX}*'")
   if FINAL_LEVEL not in outputs:
     raise ValueError(f"multitask_loss: outputs have no 'final' predictions (keys: "
                      f"{sorted(outputs)})")
@@ -219,6 +228,74 @@ LOSSES: Mapping[str, Callable[..., jax.Array]] = {
 }
 
 
+def two_class_cross_entropy(logits: jax.Array, labels: jax.Array,
+                            pos_weight: float | None) -> jax.Array:
+  """Two-class softmax cross-entropy with class weights (1 - w, w), over the valid pixels.
+
+  Args:
+    logits: [B, H, W, 2] scores of (negative, positive).
+    labels: [B, H, W] (or [B, H, W, 1]) targets in {0, 1} (>= 0.5 counts as positive);
+      IGNORE_LABEL (255) marks pixels that are left out.
+    pos_weight: w, the positives' class weight; None takes the batch's fraction of negatives
+      among the valid pixels (ATRC's balanced saliency loss).
+
+  Returns:
+    Scalar float32 loss (w * sum_pos -log p_1 + (1 - w) * sum_neg -log p_0) / #valid (PyTorch's
+    weighted `cross_entropy` summed, then divided by the pixel count, as ATRC does); 0 when no
+    pixel is valid.
+  """
+  if logits.ndim != 4 or logits.shape[-1] != 2:
+    raise ValueError(f"two_class_cross_entropy: logits must be [B, H, W, 2], got shape "
+                     f"{logits.shape}")
+  acc = accumulation_dtype(logits.dtype)
+  labels = _check_spatial(logits, labels, "two_class_cross_entropy").astype(acc)
+  valid = labels != IGNORE_LABEL
+  positive = valid & (labels >= 0.5)
+  negative = valid & ~positive
+  num_valid = jnp.sum(valid).astype(acc)
+  if pos_weight is None:
+    weight_pos = _safe_mean(jnp.sum(negative).astype(acc), num_valid)
+  else:
+    weight_pos = jnp.asarray(pos_weight, acc)
+  log_probs = jax.nn.log_softmax(logits.astype(acc), axis=-1)
+  loss_pos = jnp.sum(jnp.where(positive, -log_probs[..., 1], 0.0))
+  loss_neg = jnp.sum(jnp.where(negative, -log_probs[..., 0], 0.0))
+  return _safe_mean(weight_pos * loss_pos + (1.0 - weight_pos) * loss_neg, num_valid)
+
+
+def depth_bins(depth: jax.Array, num_bins: int = task_registry.AUX_DEPTH_BINS,
+               depth_range: tuple[float, float] = task_registry.AUX_DEPTH_RANGE) -> jax.Array:
+  """Depth [B, H, W] in metres -> int32 bin ids, uniform in log depth over `depth_range`.
+
+  bin = floor(num_bins * log(d / lo) / log(hi / lo)), clipped to [0, num_bins - 1]; invalid
+  depth (0, 255, not finite) -> IGNORE_LABEL.
+  """
+  lo, hi = depth_range
+  d = depth.astype(jnp.float32)
+  valid = (d > 0) & (d != IGNORE_LABEL) & jnp.isfinite(d)
+  safe = jnp.where(valid, d, lo)
+  bins = jnp.floor(num_bins * jnp.log(safe / lo) / jnp.log(hi / lo))
+  bins = jnp.clip(bins, 0, num_bins - 1).astype(jnp.int32)
+  return jnp.where(valid, bins, IGNORE_LABEL)
+
+
+def aux_loss(task: str, logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """ATRC's loss of the auxiliary label prediction of `task` (logits [B, H, W, K] at label size)."""
+  spec = task_registry.get_task(task)
+  if spec.kind == "segmentation":
+    return cross_entropy(logits, labels)
+  if spec.kind == "binary":
+    return two_class_cross_entropy(logits, labels, None)
+  if spec.kind == "boundary":
+    return two_class_cross_entropy(logits, labels, spec.loss_options["pos_weight"])
+  if spec.kind == "regression":
+    if logits.shape[-1] != task_registry.AUX_DEPTH_BINS:
+      raise ValueError(f"aux_loss: {task} logits must have {task_registry.AUX_DEPTH_BINS} bins, "
+                       f"got shape {logits.shape}")
+    return cross_entropy(logits, depth_bins(_check_spatial(logits, labels, "aux_loss")))
+  raise ValueError(f"aux_loss: task {task!r} (kind {spec.kind!r}) has no auxiliary label loss")
+
+
 def task_loss(task: str, logits: jax.Array, labels: jax.Array) -> jax.Array:
   """The registry's loss of `task` (tasks.TaskSpec.loss, with its loss_options) on logits
   [B, H, W, C] at label size."""
@@ -248,7 +325,8 @@ def multitask_loss(
 
   Args:
     outputs: {"final": {task: [B, H, W, C_task]}} and optionally deep-supervision levels
-      {"initial": {...}, "initial_scale1": {...}, ...} (intermediate predictions). Predictions at
+      {"initial": {...}, "initial_scale1": {...}, ...} (intermediate predictions) and ATRC's
+      {"aux": {task: [B, H, W, K_task]}} for some of the tasks (see `aux_loss`). Predictions at
       another resolution than the labels are bilinearly resized to the label size first.
     batch: holds each task's labels under the task's name ([B, H, W]; normals [B, H, W, 3]).
     tasks: the tasks to supervise.
@@ -275,13 +353,23 @@ def multitask_loss(
   parts = {}
   total = jnp.zeros((), jnp.float32)
   for level in levels:
+    if level == AUX_LEVEL:
+      extra = sorted(set(outputs[level]) - set(tasks))
+      if extra:
+        raise ValueError(f"multitask_loss: outputs[{level!r}] has predictions for {extra}, "
+                         f"which are not among the tasks {list(tasks)}")
     for task in tasks:
+      if level == AUX_LEVEL and task not in outputs[level]:
+        continue  # only the tasks whose label probabilities ATRC uses have one
       if task not in outputs[level]:
         raise ValueError(f"multitask_loss: outputs[{level!r}] has no prediction for task "
                          f"{task!r} (has {sorted(outputs[level])})")
       labels = batch[task]
       logits = _to_label_size(outputs[level][task], labels.shape[1:3])
-      loss = task_loss(task, logits, labels)
+      if level == AUX_LEVEL:
+        loss = aux_loss(task, logits, labels)
+      else:
+        loss = task_loss(task, logits, labels)
       parts[f"{level}/{task}"] = loss
       total = total + jnp.float32(weights[task]) * loss
   parts["total"] = total

@@ -114,3 +114,32 @@ def validate_tasks(tasks: Sequence[str], dataset: str) -> tuple[str, ...]:
   for task in tasks:
     num_outputs(task, dataset)
   return tasks
+
+
+# ATRC's auxiliary label predictions (models/atrc.py; losses.aux_loss): every task becomes a
+# classification whose class probabilities pool features. Depth is cut into 40 bins, uniform in
+# log depth between 0.7 m and 10 m; binary tasks get two classes.
+AUX_DEPTH_BINS = 40
+AUX_DEPTH_RANGE = (0.7, 10.0)
+
+
+def aux_num_classes(task: str, dataset: str) -> int:
+  """Classes of ATRC's auxiliary prediction of `task` on `dataset`.
+
+  Segmentation tasks keep their classes, binary and boundary tasks get 2, depth AUX_DEPTH_BINS.
+  Normals raise: ATRC clusters them around 40 centroids computed from its own copy of the
+  training labels, which this project does not have.
+  """
+  spec = get_task(task)
+  outputs = num_outputs(task, dataset)
+  if spec.kind == "segmentation":
+    return outputs
+  if spec.kind in ("binary", "boundary"):
+    return 2
+  if spec.kind == "regression":
+    return AUX_DEPTH_BINS
+  raise ValueError(
+      f"task {task!r} has no auxiliary label prediction: ATRC's normals classes are 40 cluster "
+      "centroids of its own training labels, which this project does not ship; give the pairs "
+      f"that would need them ('tlabel' with target {task!r}, 'slabel' with source {task!r}) the "
+      "context 'none', 'global' or 'local'")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import time
@@ -38,7 +39,7 @@ from data_pipelines import io_utils  # numpy and PIL only
 from iterfuse_jax import (boundary_eval, console, determinism, eval_resizing, evaluations,
                           inference, losses, metrics, out_of_memory, summaries, visualization)
 from iterfuse_jax import tasks as task_registry
-from iterfuse_jax.models import build_model, initialization
+from iterfuse_jax.models import build, build_model, initialization
 
 PyTree = Any
 Batch = Mapping[str, np.ndarray]
@@ -494,6 +495,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if main:
     check_workdir(workdir)
   tasks = tuple(config.dataset.tasks)
+  if config.model.name == "atrc" and "atrc" in config.model:
+    # config.json keeps the genotype itself, not the path of the file it was read from.
+    config.model.atrc.genotype = json.dumps(
+        build.load_atrc_genotype(config.model.atrc.genotype, tasks), sort_keys=True)
   dataset = config.dataset.name
   with main_process_first("iterfuse: dataset ready"), warnings.catch_warnings():
     if config.synthetic_data.enabled:

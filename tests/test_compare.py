@@ -166,7 +166,7 @@ def test_model_cost_counts_parameters_and_every_ifb_iteration():
 
 @pytest.mark.parametrize("arg, dataset, model", [
     ("stl", "nyud", "stl"), ("padnet", "nyud", "padnet"), ("pascal_mtinet", "pascal", "mtinet"),
-    ("pascal_ifbA", "pascal", "iterfuse"),
+    ("pascal_ifbA", "pascal", "iterfuse"), ("pascal_atrc", "pascal", "atrc"),
 ])
 def test_demo_rows_config(arg, dataset, model):
   demo_rows = importlib.import_module("configs.demo_rows")
@@ -186,8 +186,10 @@ def test_demo_rows_config(arg, dataset, model):
 
 
 def test_demo_rows_rejects_unknown_rows():
-  with pytest.raises(ValueError, match="unknown row 'atrc'"):
-    importlib.import_module("configs.demo_rows").get_config("atrc")
+  with pytest.raises(ValueError, match="unknown row 'invpt'"):
+    importlib.import_module("configs.demo_rows").get_config("invpt")
+  with pytest.raises(ValueError, match="unknown row 'nyud_full_atrc'"):
+    importlib.import_module("configs.demo_rows").get_config("nyud_full_atrc")
   with pytest.raises(ValueError, match="unknown row 'nyud_full_ifbA'"):
     importlib.import_module("configs.demo_rows").get_config("nyud_full_ifbA")
 

@@ -2,7 +2,7 @@
 
 The config needs `dataset.name`, `dataset.tasks` and a `model` block:
 
-  model.name            "iterfuse" | "mtl" | "stl" | "padnet" | "mtinet" | "densemtl"
+  model.name            "iterfuse" | "mtl" | "stl" | "padnet" | "mtinet" | "densemtl" | "atrc"
                         (see MODEL_BUILDERS)
   model.backbone        HRNet variant: "w18_small_v2" (the survey code's "HRNet18"), "w18", or
                         "w18_tiny" (no ImageNet weights; configs/demo.py:tiny and the tests)
@@ -19,10 +19,16 @@ The config needs `dataset.name`, `dataset.tasks` and a `model` block:
                         reduction; all_scale_outputs (default True, as the survey code), also
                         output the coarser scales' intermediate predictions (levels
                         "initial_scale1".."initial_scale3"), which the loss supervises too
+  model.atrc            genotype: one context for every task pair ("none", "global", "local",
+                        "tlabel", "slabel"), the path of an ATRC `atrc_genotype.json` (its
+                        search result: {"data": {target: {source: code}}}), or that mapping as
+                        JSON text; context_channels (0 = C // 2); kernel_size (local, 9)
 """
 
 from __future__ import annotations
 
+import json
+import pathlib
 from typing import Callable
 
 import flax.linen as nn
@@ -30,6 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from iterfuse_jax import tasks as task_registry
+from iterfuse_jax.models import atrc
 from iterfuse_jax.models.cross_task import TaskPairInteractionModule
 from iterfuse_jax.models.densemtl import DenseMTLDistillation
 from iterfuse_jax.models.hrnet import HRNet
@@ -122,6 +129,49 @@ def _mtinet(config: ml_collections.ConfigDict, tasks, num_outputs, dtype) -> nn.
                 all_scale_outputs=bool(options.get("all_scale_outputs", True)), dtype=dtype)
 
 
+def load_atrc_genotype(value: str, tasks: tuple[str, ...]) -> dict[str, dict[str, str]]:
+  """model.atrc.genotype -> {target: {source: context}} (see the module docstring).
+
+  Raises a ValueError naming the file or the text and what was wrong with it.
+  """
+  value = str(value).strip()
+  if value in atrc.CONTEXTS:
+    return atrc.normalize_genotype(value, tasks)
+  where = "model.atrc.genotype"
+  if value.startswith("{"):
+    text = value
+  else:
+    path = pathlib.Path(value).expanduser()
+    if not path.is_file():
+      raise ValueError(f"{where} = {value!r}: neither a context {list(atrc.CONTEXTS)}, nor JSON "
+                       "text, nor an existing file (an ATRC atrc_genotype.json)")
+    where = f"ATRC genotype file {path}"
+    text = path.read_text()
+  try:
+    data = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{where}: not valid JSON ({e})") from None
+  if isinstance(data, dict) and "data" in data:  # ATRC's file: {"data": ..., "step": ...}
+    data = data["data"]
+  try:
+    return atrc.normalize_genotype(data, tasks)
+  except ValueError as e:
+    raise ValueError(f"{where}: {e}") from None
+
+
+def _atrc(config: ml_collections.ConfigDict, tasks, num_outputs, dtype) -> nn.Module:
+  m = config.model
+  options = m.get("atrc") or {}
+  genotype = load_atrc_genotype(options.get("genotype", "global"), tasks)
+  aux_classes = {t: task_registry.aux_num_classes(t, config.dataset.name)
+                 for t in atrc.aux_tasks(genotype, tasks)}
+  return atrc.ATRCNet(tasks=tasks, num_outputs=num_outputs, aux_classes=aux_classes,
+                      backbone=make_backbone(m, dtype), genotype=genotype,
+                      task_channels=m.task_channels, initial_blocks=m.initial_blocks,
+                      context_channels=int(options.get("context_channels", 0)),
+                      kernel_size=int(options.get("kernel_size", atrc.LOCAL_KERNEL)), dtype=dtype)
+
+
 ModelBuilder = Callable[[ml_collections.ConfigDict, tuple, dict, object], nn.Module]
 
 # model.name -> builder(config, tasks, num_outputs, dtype).
@@ -132,6 +182,7 @@ MODEL_BUILDERS: dict[str, ModelBuilder] = {
     "padnet": _padnet,
     "densemtl": _densemtl,
     "mtinet": _mtinet,
+    "atrc": _atrc,
 }
 
 

@@ -6,7 +6,8 @@ U(-b, b), both with b = 1 / sqrt(fan_in); BatchNorm scale 1 and bias 0. Flax's d
 (lecun-normal kernels, zero biases). `pytorch_default_init` redraws every conv / dense layer of a
 parameter tree outside the backbone with PyTorch's rule, so training starts from the distribution
 the reference numbers started from. The backbone is left alone: it is either loaded from ImageNet
-weights or, when trained from scratch, keeps its own initialisation.
+weights or, when trained from scratch, keeps its own initialisation. So are ATRC's context blocks,
+which draw xavier-uniform kernels in ATRC's code as here (`OWN_INIT_PREFIXES`).
 
 A layer is a mapping that holds a "kernel" ([kh, kw, C_in, C_out] convolution or [C_in, C_out]
 dense) and optionally a "bias"; BatchNorm layers ("scale", "bias") and scalars such as the IFB's
@@ -43,8 +44,14 @@ def _path_key(rng: jax.Array, path: tuple[str, ...]) -> jax.Array:
   return jax.random.fold_in(rng, zlib.crc32("/".join(path).encode()))
 
 
+# Sub-trees whose modules draw their own initialisation, as their reference code does: ATRC's
+# context blocks (models/atrc.py, xavier-uniform).
+OWN_INIT_PREFIXES = ("context_",)
+
+
 def pytorch_default_init(params: Mapping[str, Any], rng: jax.Array,
-                         exclude: Sequence[str] = ("backbone",)) -> dict[str, Any]:
+                         exclude: Sequence[str] = ("backbone",),
+                         exclude_prefixes: Sequence[str] = OWN_INIT_PREFIXES) -> dict[str, Any]:
   """Returns `params` with every conv / dense layer outside `exclude` redrawn PyTorch's way.
 
   Args:
@@ -52,6 +59,7 @@ def pytorch_default_init(params: Mapping[str, Any], rng: jax.Array,
     rng: key the new weights are drawn from (each layer folds in a hash of its path).
     exclude: names of sub-trees left as they are, wherever they sit (default: every "backbone",
       also the per-task backbones of the STL network).
+    exclude_prefixes: sub-trees whose name starts with one of these are left as they are too.
 
   Returns:
     A new tree of the same structure, shapes and dtypes.
@@ -61,7 +69,8 @@ def pytorch_default_init(params: Mapping[str, Any], rng: jax.Array,
     out = {}
     for name, value in node.items():
       if isinstance(value, Mapping):
-        out[name] = dict(value) if name in exclude else visit(value, path + (name,))
+        kept = name in exclude or name.startswith(tuple(exclude_prefixes))
+        out[name] = dict(value) if kept else visit(value, path + (name,))
       else:
         out[name] = value
     kernel = node.get("kernel")

@@ -12,7 +12,7 @@ are per module, as in the survey code: its HRNet backbone uses PyTorch momentum 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -31,8 +31,8 @@ BOTTLENECK_EXPANSION = 4
 class BatchNorm(nn.Module):
   """BatchNorm over all axes but the last, with PyTorch's running-variance update.
 
-  Variables: params "scale" (init 1) and "bias" (init 0), batch_stats "mean" (init 0) and "var"
-  (init 1), all float32, [C] (the names of flax's nn.BatchNorm, so checkpoints and the ImageNet
+  Variables: params "scale" (init 1, or `scale_init`) and "bias" (init 0), batch_stats "mean"
+  (init 0) and "var" (init 1), all float32, [C] (the names of flax's nn.BatchNorm, so checkpoints and the ImageNet
   converter see the same tree).
 
   Attributes:
@@ -41,6 +41,8 @@ class BatchNorm(nn.Module):
     momentum: flax convention (see the module docstring).
     epsilon: added to the variance.
     dtype: dtype of the output; statistics and normalisation are computed in at least float32.
+    scale_init: initialiser of "scale" (zeros for a branch that must start switched off, as
+      ATRC's output projection).
 
   Call: [..., C] -> [..., C]. Under `jax.jit` with the batch sharded over devices, the means are
   global-batch means (XLA inserts the cross-device reductions).
@@ -50,11 +52,12 @@ class BatchNorm(nn.Module):
   momentum: float = HEAD_BN_MOMENTUM
   epsilon: float = BN_EPSILON
   dtype: Dtype = jnp.float32
+  scale_init: Callable[..., jax.Array] = nn.initializers.ones
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     features = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+    scale = self.param("scale", self.scale_init, (features,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
     running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
     running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)

@@ -24,7 +24,7 @@ from iterfuse_jax.models.padnet import PADNet, PADNetDistillation
 from iterfuse_jax.convert_imagenet import backbone_paths
 from iterfuse_jax.models.stl import STLNet
 
-ROWS = ("stl", "mtl", "padnet", "mtinet", "densemtl", "noifb", "ifbA", "ifbB", "ifbC")
+ROWS = ("stl", "mtl", "padnet", "mtinet", "densemtl", "atrc", "noifb", "ifbA", "ifbB", "ifbC")
 SIZE = (32, 32)
 BRANCH_CHANNELS = (4, 6, 8, 10)
 PASCAL_TASKS = ("semseg", "human_parts", "sal")
@@ -137,8 +137,8 @@ def test_every_config_builds_and_traces_a_train_and_eval_step(dataset, row):
   assert jax.tree.structure(grads) == jax.tree.structure(variables["params"])
   assert jax.tree.structure(updates["batch_stats"]) == jax.tree.structure(
       variables["batch_stats"])
-  expected_model = {"stl": "STLNet", "mtinet": "MTINet", "padnet": "PADNet"}.get(
-      row, "MultiTaskDenseNet")
+  expected_model = {"stl": "STLNet", "mtinet": "MTINet", "padnet": "PADNet",
+                    "atrc": "ATRCNet"}.get(row, "MultiTaskDenseNet")
   assert type(model).__name__ == expected_model
 
 
