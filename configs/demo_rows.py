@@ -7,7 +7,7 @@
 The argument is a row ("stl", "mtl", "padnet", "mtinet", "densemtl", "atrc", "noifb", "ifbA",
 "ifbB", "ifbC"), optionally prefixed by the dataset ("pascal_ifbC"; default nyud) and "full_" for the
 survey's full task sets ("nyud_full_ifbC", "pascal_full_stl"; rows stl, mtl, padnet, mtinet,
-densemtl, ifbC). The row's model and tasks come from `configs/<dataset>_[full_]<row>.py`;
+densemtl, atrc, ifbC). The row's model and tasks come from `configs/<dataset>_[full_]<row>.py`;
 data, sizes, model width and training length come from
 `configs/demo.py`. Every row trains with the demo's optimiser (Adam, lr 2e-3), also STL: at this
 length the paper's STL recipe (SGD, lr 1e-4 on NYUD-v2) would barely move, and one optimiser keeps
@@ -19,7 +19,7 @@ import importlib
 from configs import demo
 
 ROWS = ("stl", "mtl", "padnet", "mtinet", "densemtl", "atrc", "noifb", "ifbA", "ifbB", "ifbC")
-FULL_ROWS = ("stl", "mtl", "padnet", "mtinet", "densemtl", "ifbC")
+FULL_ROWS = ("stl", "mtl", "padnet", "mtinet", "densemtl", "atrc", "ifbC")
 
 
 def get_config(arg: str = "ifbC"):

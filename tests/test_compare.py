@@ -188,14 +188,12 @@ def test_demo_rows_config(arg, dataset, model):
 def test_demo_rows_rejects_unknown_rows():
   with pytest.raises(ValueError, match="unknown row 'invpt'"):
     importlib.import_module("configs.demo_rows").get_config("invpt")
-  with pytest.raises(ValueError, match="unknown row 'nyud_full_atrc'"):
-    importlib.import_module("configs.demo_rows").get_config("nyud_full_atrc")
   with pytest.raises(ValueError, match="unknown row 'nyud_full_ifbA'"):
     importlib.import_module("configs.demo_rows").get_config("nyud_full_ifbA")
 
 
 @pytest.mark.parametrize("dataset", ["nyud", "pascal"])
-@pytest.mark.parametrize("row", ["stl", "mtl", "padnet", "mtinet", "densemtl", "ifbC"])
+@pytest.mark.parametrize("row", ["stl", "mtl", "padnet", "mtinet", "densemtl", "atrc", "ifbC"])
 def test_full_task_rows(dataset, row):
   from iterfuse_jax import tasks
   config = importlib.import_module(f"configs.{dataset}_full_{row}").get_config()

@@ -291,3 +291,23 @@ def test_comparison_table_names_the_contexts():
                                         "dataset": {"name": "nyud", "tasks": list(NYUD)}})
     run = compare.Run(pathlib.Path("/nonexistent"), config, {})
     assert run.title() == "ATRC" and run.settings() == want
+
+
+def test_full_task_sets_get_edge_and_depth_label_heads_and_refuse_normals_ones():
+  full = task_registry.FULL_TASKS["nyud"]
+  genotype = {t: {s: "global" if "normals" in (s, t) else "none" for s in full} for t in full}
+  genotype["edge"]["edge"] = "tlabel"
+  genotype["semseg"]["depth"] = "slabel"
+  config = tb.row_config("nyud", "full_atrc")
+  config.model.atrc.genotype = json.dumps(genotype)
+  model = tb.build_tiny(config)
+  images = jax.ShapeDtypeStruct((1, *tb.SIZE, 3), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(tb.key(0), x), images)
+  out = jax.eval_shape(lambda v, x: model.apply(v, x), variables, images)
+  assert {t: v.shape[-1] for t, v in out["aux"].items()} == {
+      "depth": task_registry.AUX_DEPTH_BINS, "edge": 2}
+  assert out["final"]["normals"].shape == (1, *tb.SIZE, 3)
+  genotype["normals"]["depth"] = "tlabel"
+  config.model.atrc.genotype = json.dumps(genotype)
+  with pytest.raises(ValueError, match="'normals' has no auxiliary label prediction"):
+    tb.build_tiny(config)
