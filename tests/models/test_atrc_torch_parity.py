@@ -200,3 +200,37 @@ def test_atrc_distillation_matches_a_pytorch_transcription_of_atrc():
   for path, v in traverse_util.flatten_dict(updates["batch_stats"]).items():
     key = torch_key("batch_stats", path)
     np.testing.assert_allclose(np.asarray(v), state[key].numpy(), rtol=1e-10, err_msg=key)
+
+
+def test_aux_losses_match_pytorch_transcriptions_of_atrcs():
+  """ATRC's BinningCrossEntropyLoss (log bins 0.7..10 m, 40 bins) and its two-class
+  CrossEntropyLoss (balanced; class-weighted), sum over the pixels divided by the valid ones.
+  Depth 0 (no reading) is left out here: ATRC bins it into bin 0, this project ignores it."""
+  from iterfuse_jax import losses  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(5)
+  depth = rng.uniform(0.3, 12.0, size=(2, 6, 7))
+  depth[0, 0, :3] = 255.0
+  depth_logits = rng.normal(size=(2, 40, 6, 7))
+  bins = torch.floor(40 * torch.log(torch.tensor(depth) / 0.7) / math.log(10.0 / 0.7))
+  bins = bins.clamp(0, 39).long()
+  bins[torch.tensor(depth) == 255] = 255
+  want = F.cross_entropy(torch.tensor(depth_logits), bins, ignore_index=255)
+  got = losses.aux_loss("depth", jnp.asarray(depth_logits.transpose(0, 2, 3, 1)),
+                        jnp.asarray(depth, jnp.float32))
+  np.testing.assert_allclose(float(got), want.item(), rtol=1e-5)
+
+  labels = rng.integers(0, 2, size=(2, 6, 7)).astype(np.float64)
+  labels[1, 2, :4] = 255
+  logits = rng.normal(size=(2, 2, 6, 7))
+  lab = torch.tensor(labels).long()
+  valid = lab != 255
+  w_pos = (1.0 - lab[valid].double()).sum() / valid.sum()
+  for task, weight in (("sal", torch.stack([1 - w_pos, w_pos])),
+                       ("edge", torch.tensor([0.05, 0.95], dtype=torch.float64))):
+    per_pixel = F.cross_entropy(torch.tensor(logits), lab, weight=weight, ignore_index=255,
+                                reduction="none")
+    want = per_pixel.sum() / valid.sum()
+    got = losses.aux_loss(task, jnp.asarray(logits.transpose(0, 2, 3, 1)),
+                          jnp.asarray(labels, jnp.float32))
+    np.testing.assert_allclose(float(got), want.item(), rtol=1e-5, err_msg=task)
