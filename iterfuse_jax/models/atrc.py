@@ -54,7 +54,7 @@ from iterfuse_jax.precision import accumulation_dtype
 CONTEXTS = ("none", "global", "local", "tlabel", "slabel")
 LABEL_CONTEXTS = ("tlabel", "slabel")
 LOCAL_KERNEL = 9
-# ATRC's context blocks draw their convolutions from xavier-uniform (zero biases); the prefix
+# ATRC's context blocks draw their convolution kernels from xavier-uniform; the prefix
 # lets `initialization.pytorch_default_init` leave them as drawn.
 CONTEXT_BLOCK_PREFIX = "context_"
 

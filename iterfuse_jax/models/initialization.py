@@ -23,6 +23,8 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from iterfuse_jax.models.atrc import CONTEXT_BLOCK_PREFIX
+
 PyTree = Any
 INIT_SCHEMES = ("flax", "pytorch")
 
@@ -46,7 +48,7 @@ def _path_key(rng: jax.Array, path: tuple[str, ...]) -> jax.Array:
 
 # Sub-trees whose modules draw their own initialisation, as their reference code does: ATRC's
 # context blocks (models/atrc.py, xavier-uniform).
-OWN_INIT_PREFIXES = ("context_",)
+OWN_INIT_PREFIXES = (CONTEXT_BLOCK_PREFIX,)
 
 
 def pytorch_default_init(params: Mapping[str, Any], rng: jax.Array,
