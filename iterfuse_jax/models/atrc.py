@@ -23,7 +23,8 @@ target without sources is `fuse_t(f_t)`.
 The label contexts need class probabilities: auxiliary heads (1x1 conv + BN + ReLU, 1x1 conv) on
 the shared backbone features with the gradient stopped at their input, as ATRC's, predict every
 task as a classification (`tasks.aux_num_classes`: depth in 40 log bins), supervised with
-ATRC's losses under the output level "aux" (`losses.aux_loss`). The class probabilities are the
+ATRC's losses under the output level "aux" (`losses.aux_loss`); `ATRCModule` holds them with
+the context blocks. The class probabilities are the
 auxiliary logits' softmax over positions, per class.
 
 Following the paper (Sec. 4.1), the module replaces IterFuse's TPIM between the initial task
@@ -43,10 +44,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from iterfuse_jax.models.heads import InitialTaskModule, TaskHead
-from iterfuse_jax.models.layers import (BatchNorm, Dtype, HEAD_BN_MOMENTUM, BN_EPSILON,
-                                        fuse_hrnet_branches, resize_bilinear)
-from iterfuse_jax.models.network import Outputs, check_images
+from iterfuse_jax.models.layers import BatchNorm, Dtype, HEAD_BN_MOMENTUM, BN_EPSILON
 from iterfuse_jax.models.padnet import check_task_features
 from iterfuse_jax.precision import accumulation_dtype
 
@@ -315,6 +313,12 @@ class ATRCDistillation(nn.Module):
   def __call__(self, features: Mapping[str, jax.Array],
                probabilities: Mapping[str, jax.Array], train: bool = False
                ) -> dict[str, jax.Array]:
+    return self.distill(features, probabilities, train)
+
+  def distill(self, features: Mapping[str, jax.Array], probabilities: Mapping[str, jax.Array],
+              train: bool) -> dict[str, jax.Array]:
+    """The body of `__call__`, also called by `ATRCModule` (its blocks land in the caller's
+    scope, so both name their parameters alike)."""
     tasks = tuple(self.tasks)
     check_task_features(features, tasks, self.channels, "ATRCDistillation")
     genotype = normalize_genotype(self.genotype, tasks)
@@ -343,80 +347,38 @@ class ATRCDistillation(nn.Module):
     return out
 
 
-class ATRCNet(nn.Module):
-  """IterFuse's network with ATRC in place of the TPIM, plus ATRC's auxiliary label heads.
+class ATRCModule(ATRCDistillation):
+  """ATRC's distillation module with its auxiliary label heads: what replaces the TPIM.
 
-  Attributes:
-    tasks: task names, in a fixed order.
-    num_outputs: output channels per task.
+  Attributes (besides `ATRCDistillation`'s):
     aux_classes: classes of the auxiliary prediction of each task in `aux_tasks(genotype)`.
-    backbone: HRNet-like module (see `MultiTaskDenseNet`).
-    genotype: {target: {source: context}} over `tasks`.
-    task_channels: C of the task features.
-    initial_blocks: residual blocks per initial module.
-    context_channels: see `ATRCDistillation` (0: C // 2).
-    kernel_size: window of the local context.
-    dtype: computation dtype (parameters float32); outputs float32 (float64 for float64).
 
-  Call: images [B, H, W, 3] -> {"initial": {task: [B, H, W, C_task]}, "aux": {task: [B, H, W,
-  K_task]} (only when a label context needs it), "final": {task: [B, H, W, C_task]}}.
+  Call: features {task: [B, h, w, C]}, shared backbone features [B, h, w, C_shared] ->
+  ({task: [B, h, w, C]}, {"aux": {task: [B, h, w, K_task]}} when a label context needs
+  probabilities, else {}). `MultiTaskDenseNet` passes the shared features to a distillation
+  module with `uses_shared_features` and supervises the extra levels it returns. Besides
+  `ATRCDistillation`'s blocks, the heads are named `aux_conv_<task>` and `aux_predict_<task>`.
   """
 
-  tasks: Sequence[str]
-  num_outputs: Mapping[str, int]
-  aux_classes: Mapping[str, int]
-  backbone: nn.Module
-  genotype: Genotype
-  task_channels: int = 270
-  initial_blocks: int = 2
-  context_channels: int = 0
-  kernel_size: int = LOCAL_KERNEL
-  dtype: Dtype = jnp.float32
+  aux_classes: Mapping[str, int] | None = None
+  uses_shared_features = True  # a class constant, not a dataclass field
 
   @nn.compact
-  def __call__(self, images: jax.Array, train: bool = False) -> Outputs:
-    check_images(images)
+  def __call__(self, features: Mapping[str, jax.Array], shared: jax.Array,
+               train: bool = False) -> tuple[dict[str, jax.Array], dict[str, dict]]:
     tasks = tuple(self.tasks)
-    genotype = normalize_genotype(self.genotype, tasks)
-    needed = aux_tasks(genotype, tasks)
-    missing = [t for t in needed if t not in self.aux_classes]
+    aux_classes = self.aux_classes or {}
+    needed = aux_tasks(normalize_genotype(self.genotype, tasks), tasks)
+    missing = [t for t in needed if t not in aux_classes]
     if missing:
-      raise ValueError(f"ATRCNet: no aux_classes for {missing}, whose label probabilities the "
+      raise ValueError(f"ATRCModule: no aux_classes for {missing}, whose label probabilities the "
                        "genotype uses")
-    size = images.shape[1:3]
-    shared = fuse_hrnet_branches(self.backbone(images.astype(self.dtype), train=train))
-
-    def to_output(logits):
-      return resize_bilinear(logits, size).astype(accumulation_dtype(self.dtype))
-
-    features, initial = {}, {}
-    for task in tasks:
-      module = InitialTaskModule(self.task_channels, self.num_outputs[task],
-                                 num_blocks=self.initial_blocks, dtype=self.dtype,
-                                 name=f"initial_{task}")
-      features[task], prediction = module(shared, train)
-      initial[task] = to_output(prediction)
-    outputs: Outputs = {"initial": initial}
-
     # ATRC's auxiliary heads learn from their own loss only: no gradient into the backbone.
     detached = jax.lax.stop_gradient(shared)
     probabilities, aux = {}, {}
     for task in needed:
       x = Projection(shared.shape[-1], dtype=self.dtype, name=f"aux_conv_{task}")(detached, train)
-      logits = nn.Conv(self.aux_classes[task], (1, 1), dtype=self.dtype,
-                       name=f"aux_predict_{task}")(x)
-      probabilities[task] = spatial_probabilities(logits)
-      aux[task] = to_output(logits)
-    if aux:
-      outputs["aux"] = aux
-
-    features = ATRCDistillation(tasks, self.task_channels, genotype,
-                                context_channels=self.context_channels,
-                                kernel_size=self.kernel_size, dtype=self.dtype,
-                                name="distillation")(features, probabilities, train)
-    outputs["final"] = {
-        task: to_output(TaskHead(self.task_channels, self.num_outputs[task], dtype=self.dtype,
-                                 name=f"head_{task}")(features[task], train))
-        for task in tasks
-    }
-    return outputs
+      aux[task] = nn.Conv(aux_classes[task], (1, 1), dtype=self.dtype,
+                          name=f"aux_predict_{task}")(x)
+      probabilities[task] = spatial_probabilities(aux[task])
+    return self.distill(features, probabilities, train), ({"aux": aux} if aux else {})

@@ -165,11 +165,11 @@ def _atrc(config: ml_collections.ConfigDict, tasks, num_outputs, dtype) -> nn.Mo
   genotype = load_atrc_genotype(options.get("genotype", "global"), tasks)
   aux_classes = {t: task_registry.aux_num_classes(t, config.dataset.name)
                  for t in atrc.aux_tasks(genotype, tasks)}
-  return atrc.ATRCNet(tasks=tasks, num_outputs=num_outputs, aux_classes=aux_classes,
-                      backbone=make_backbone(m, dtype), genotype=genotype,
-                      task_channels=m.task_channels, initial_blocks=m.initial_blocks,
-                      context_channels=int(options.get("context_channels", 0)),
-                      kernel_size=int(options.get("kernel_size", atrc.LOCAL_KERNEL)), dtype=dtype)
+  distillation = atrc.ATRCModule(
+      tasks=tasks, channels=m.task_channels, genotype=genotype, aux_classes=aux_classes,
+      context_channels=int(options.get("context_channels", 0)),
+      kernel_size=int(options.get("kernel_size", atrc.LOCAL_KERNEL)), dtype=dtype)
+  return _with_distillation(config, tasks, num_outputs, dtype, distillation)
 
 
 ModelBuilder = Callable[[ml_collections.ConfigDict, tuple, dict, object], nn.Module]

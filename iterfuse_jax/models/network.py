@@ -35,7 +35,10 @@ class MultiTaskDenseNet(nn.Module):
     backbone: a module mapping [B, H, W, 3] to a list of feature maps, the first at stride 4
       (HRNet's four branches); they are upsampled to stride 4 and concatenated.
     distillation: a module mapping {task: [B, h, w, C]} to {task: [B, h, w, C]} (the TPIM for
-      IterFuse), or None for no cross-task exchange. Needs `use_initial`.
+      IterFuse), or None for no cross-task exchange. Needs `use_initial`. One whose class has
+      `uses_shared_features = True` (ATRC's) is also given the shared features and returns
+      (features, {level: {task: [B, h, w, K]}}): more supervised outputs, resized to the input
+      like the others.
     use_initial: whether per-task initial modules produce task features and intermediate
       (deeply supervised) predictions; False feeds the shared features straight to the heads (MTL).
     task_channels: C of the task features made by the initial modules.
@@ -43,7 +46,8 @@ class MultiTaskDenseNet(nn.Module):
     dtype: computation dtype of the heads (parameters stay float32); outputs are float32 (float64 for float64).
 
   Call: images [B, H, W, 3] -> {"initial": {task: [B, H, W, C_task]} (when use_initial),
-  "final": {task: [B, H, W, C_task]}}, logits at the input resolution.
+  the distillation's extra levels (ATRC's "aux"), "final": {task: [B, H, W, C_task]}}, logits
+  at the input resolution.
   """
 
   tasks: Sequence[str]
@@ -79,7 +83,11 @@ class MultiTaskDenseNet(nn.Module):
     else:
       features = {task: shared for task in self.tasks}
 
-    if self.distillation is not None:
+    if getattr(self.distillation, "uses_shared_features", False):
+      features, extra = self.distillation(features, shared, train=train)
+      for level, logits in extra.items():
+        outputs[level] = {task: to_output(x) for task, x in logits.items()}
+    elif self.distillation is not None:
       features = self.distillation(features, train=train)
 
     outputs["final"] = {

@@ -201,7 +201,8 @@ def test_atrc_network_trains_every_parameter_but_the_closed_contexts():
   config = _atrc_config("pascal", MIXED)
   tasks = tuple(config.dataset.tasks)
   model = tb.build_tiny(config)
-  assert type(model).__name__ == "ATRCNet"
+  assert type(model).__name__ == "MultiTaskDenseNet"
+  assert type(model.distillation).__name__ == "ATRCModule"
   batch = tb.fake_batch("pascal", tasks)
   step = jax.jit(tb.train_and_eval_fn(model, tasks, dict(config.loss_weights)))
   loss, grads, train_out, eval_out, variables, updates = step.lower(batch).compile(
@@ -219,8 +220,8 @@ def test_atrc_network_trains_every_parameter_but_the_closed_contexts():
   closed = {n for n in flat if n.startswith("distillation/context_") or
             (n.startswith("distillation/project_") and n.endswith("/conv/kernel"))}
   assert dead == closed, sorted(dead ^ closed)
-  assert any(n.startswith("aux_conv_sal/") for n in flat)
-  assert not any(n.startswith("aux_") for n in dead)
+  assert any(n.startswith("distillation/aux_conv_sal/") for n in flat)
+  assert not any(n.startswith("distillation/aux_") for n in dead)
   _, parts = losses.multitask_loss(train_out, batch, tasks, dict(config.loss_weights))
   assert {"aux/human_parts", "aux/sal"} <= set(parts) and "aux/semseg" not in parts
   moved = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(updates["batch_stats"]),
@@ -241,7 +242,7 @@ def test_aux_heads_do_not_train_the_backbone():
     return losses.aux_loss("depth", out["aux"]["depth"], batch["depth"])
 
   grads = tb._flat(jax.grad(aux_only)(variables["params"]))
-  assert any(np.any(np.asarray(g)) for n, g in grads.items() if n.startswith("aux_"))
+  assert any(np.any(np.asarray(g)) for n, g in grads.items() if n.startswith("distillation/aux_"))
   assert not any(np.any(np.asarray(g)) for n, g in grads.items() if n.startswith("backbone/"))
 
 

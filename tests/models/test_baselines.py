@@ -137,8 +137,8 @@ def test_every_config_builds_and_traces_a_train_and_eval_step(dataset, row):
   assert jax.tree.structure(grads) == jax.tree.structure(variables["params"])
   assert jax.tree.structure(updates["batch_stats"]) == jax.tree.structure(
       variables["batch_stats"])
-  expected_model = {"stl": "STLNet", "mtinet": "MTINet", "padnet": "PADNet",
-                    "atrc": "ATRCNet"}.get(row, "MultiTaskDenseNet")
+  expected_model = {"stl": "STLNet", "mtinet": "MTINet", "padnet": "PADNet"}.get(
+      row, "MultiTaskDenseNet")
   assert type(model).__name__ == expected_model
 
 
