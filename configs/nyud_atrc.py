@@ -18,6 +18,7 @@ from configs import default
 def get_config():
   config = default.get_config("nyud")
   config.model.name = "atrc"
-  config.model.atrc = {"genotype": "global", "context_channels": 0, "kernel_size": 9}
+  config.model.atrc = {"genotype": "global", "context_channels": 0, "kernel_size": 9,
+                       "dropout_rate": 0.05}
   config.lock()
   return config

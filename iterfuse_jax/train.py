@@ -110,15 +110,29 @@ def create_optimizer(config: ml_collections.ConfigDict,
 # ----------------------------------------------------------------------------- steps
 
 
+def dropout_key(seed: int, step: jax.Array) -> jax.Array:
+  """The "dropout" rng of the training step that starts at `step` (0-based).
+
+  A function of the seed and the step alone, not a key carried in the state: a resumed run
+  draws the masks an uninterrupted one would, and checkpoints keep their structure. The stream
+  is the seed's key folded with 2 (1 is the initialisation's), then with the step.
+  """
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 2), step)
+
+
 def train_step(state: TrainState, batch: Batch, *, tasks: tuple[str, ...],
-               loss_weights: Mapping[str, float],
-               schedule: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimisation step on a (global) batch; returns the new state and scalar metrics."""
+               loss_weights: Mapping[str, float], schedule: optax.Schedule,
+               seed: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimisation step on a (global) batch; returns the new state and scalar metrics.
+
+  `seed` (the run's `config.seed`) makes the dropout masks of models that have dropout
+  (`dropout_key`); the others draw nothing.
+  """
 
   def loss_fn(params):
     outputs, updates = state.apply_fn(
         {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
-        mutable=["batch_stats"])
+        mutable=["batch_stats"], rngs={"dropout": dropout_key(seed, state.step)})
     total, parts = losses.multitask_loss(outputs, batch, tasks, loss_weights)
     return total, (parts, updates["batch_stats"])
 
@@ -577,7 +591,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   options = determinism.compiler_options(config)
   jitted_train = jax.jit(
       functools.partial(train_step, tasks=tasks, loss_weights=dict(config.loss_weights),
-                        schedule=schedule),
+                        schedule=schedule, seed=int(config.seed)),
       in_shardings=(state_sharding, data_sharding), out_shardings=(state_sharding, replicated),
       donate_argnums=(0,), compiler_options=options)
   # An out-of-memory error of the materialized IFB names the streamed option.

@@ -29,10 +29,12 @@ auxiliary logits' softmax over positions, per class.
 
 Following the paper (Sec. 4.1), the module replaces IterFuse's TPIM between the initial task
 modules and the final heads; ATRC's searched genotypes (one per dataset and backbone, published
-with its code as `atrc_genotype.json`) are read by `models.build` from the config. Left out:
-ATRC's channel dropout (p = 0.05) after each fusion (the train step here draws no dropout
-randomness), and its masking of padded image regions before the spatial softmax (the pipeline
-here marks no pixel of the image as padding).
+with its code as `atrc_genotype.json`) are read by `models.build` from the config. Each fusion
+is followed, in training, by ATRC's channel dropout (whole channels of an image zeroed; p 0.05 in
+ATRC's code: `dropout_rate`; its randomness is the "dropout" rng stream, which
+`iterfuse_jax.train.train_step` draws from the seed and the step). Left out: ATRC's masking of
+padded image regions before the spatial softmax (the pipeline here marks no pixel of the image as
+padding).
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ from iterfuse_jax.precision import accumulation_dtype
 CONTEXTS = ("none", "global", "local", "tlabel", "slabel")
 LABEL_CONTEXTS = ("tlabel", "slabel")
 LOCAL_KERNEL = 9
+# ATRC's channel dropout after each fusion (its module's default).
+DROPOUT_RATE = 0.05
 # ATRC's context blocks draw their convolution kernels from xavier-uniform; the prefix
 # lets `initialization.pytorch_default_init` leave them as drawn.
 CONTEXT_BLOCK_PREFIX = "context_"
@@ -295,6 +299,9 @@ class ATRCDistillation(nn.Module):
     genotype: {target: {source: context}} over `tasks` (see `normalize_genotype`).
     context_channels: channels of queries, keys, values and messages; 0 takes C // 2 (ATRC's).
     kernel_size: window of the local context.
+    dropout_rate: probability of zeroing a channel of a fused output in training, per image
+      (PyTorch's Dropout2d: the kept channels scaled by 1 / (1 - p)); ATRC trains with 0.05.
+      Above 0, a training call needs a "dropout" rng.
     dtype: computation dtype.
 
   Call: features {task: [B, h, w, C]}, probabilities {task: [B, h * w, K_task]} for
@@ -307,6 +314,7 @@ class ATRCDistillation(nn.Module):
   genotype: Genotype
   context_channels: int = 0
   kernel_size: int = LOCAL_KERNEL
+  dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -343,7 +351,10 @@ class ATRCDistillation(nn.Module):
         projected = Projection(self.channels, relu=False, zero_scale=True, dtype=self.dtype,
                                name=f"project_{target}")(jnp.concatenate(messages, -1), train)
         x = jnp.concatenate([x, projected.astype(x.dtype)], axis=-1)
-      out[target] = Projection(self.channels, dtype=self.dtype, name=f"fuse_{target}")(x, train)
+      fused = Projection(self.channels, dtype=self.dtype, name=f"fuse_{target}")(x, train)
+      # One mask value per image and channel, shared by all positions.
+      out[target] = nn.Dropout(self.dropout_rate, broadcast_dims=(1, 2),
+                               name=f"dropout_{target}")(fused, deterministic=not train)
     return out
 
 

@@ -22,7 +22,8 @@ The config needs `dataset.name`, `dataset.tasks` and a `model` block:
   model.atrc            genotype: one context for every task pair ("none", "global", "local",
                         "tlabel", "slabel"), the path of an ATRC `atrc_genotype.json` (its
                         search result: {"data": {target: {source: code}}}), or that mapping as
-                        JSON text; context_channels (0 = C // 2); kernel_size (local, 9)
+                        JSON text; context_channels (0 = C // 2); kernel_size (local, 9);
+                        dropout_rate (channel dropout after each fusion in training, 0.05)
 """
 
 from __future__ import annotations
@@ -165,10 +166,15 @@ def _atrc(config: ml_collections.ConfigDict, tasks, num_outputs, dtype) -> nn.Mo
   genotype = load_atrc_genotype(options.get("genotype", "global"), tasks)
   aux_classes = {t: task_registry.aux_num_classes(t, config.dataset.name)
                  for t in atrc.aux_tasks(genotype, tasks)}
+  dropout_rate = options.get("dropout_rate", atrc.DROPOUT_RATE)
+  if isinstance(dropout_rate, bool) or not isinstance(dropout_rate, (int, float)) or not (
+      0.0 <= dropout_rate < 1.0):
+    raise ValueError(f"model.atrc.dropout_rate = {dropout_rate!r}: expected a number in [0, 1)")
   distillation = atrc.ATRCModule(
       tasks=tasks, channels=m.task_channels, genotype=genotype, aux_classes=aux_classes,
       context_channels=int(options.get("context_channels", 0)),
-      kernel_size=int(options.get("kernel_size", atrc.LOCAL_KERNEL)), dtype=dtype)
+      kernel_size=int(options.get("kernel_size", atrc.LOCAL_KERNEL)),
+      dropout_rate=float(dropout_rate), dtype=dtype)
   return _with_distillation(config, tasks, num_outputs, dtype, distillation)
 
 

@@ -1,5 +1,6 @@
 """ATRC as a distillation baseline: genotypes, the context arithmetic, the network, its losses."""
 
+import functools
 import json
 import pathlib
 
@@ -7,9 +8,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
-from iterfuse_jax import compare, losses
+from iterfuse_jax import compare, losses, train
 from iterfuse_jax import tasks as task_registry
 from iterfuse_jax.models import atrc, build, initialization
 from tests.models import test_baselines as tb
@@ -186,6 +188,77 @@ def test_pytorch_init_keeps_the_context_blocks_xavier_draw():
     assert same == name.startswith("context_"), name
 
 
+def test_channel_dropout_zeroes_whole_channels_of_an_image_in_training_only():
+  genotype = atrc.normalize_genotype("global", NYUD)
+  plain = atrc.ATRCDistillation(NYUD, 16, genotype)
+  dropping = atrc.ATRCDistillation(NYUD, 16, genotype, dropout_rate=0.5)
+  feats, probs = _features_and_probs(NYUD, channels=16)
+  variables = plain.init(tb.key(0), feats, probs)
+  assert jax.tree.structure(dropping.init(tb.key(0), feats, probs)) == jax.tree.structure(
+      variables)
+
+  def train_mode(module, rng):
+    return module.apply(variables, feats, probs, train=True, mutable=["batch_stats"],
+                        rngs={"dropout": rng})[0]
+
+  reference, dropped = train_mode(plain, tb.key(1)), train_mode(dropping, tb.key(1))
+  for task in NYUD:
+    ref, out = np.asarray(reference[task]), np.asarray(dropped[task])
+    live = np.abs(ref).max(axis=(1, 2)) > 0  # [B, C]: channels with any non-zero value
+    kept = np.abs(out).max(axis=(1, 2)) > 0
+    assert live.all()
+    # Each channel of each image is either zero everywhere or the reference over 1 - p.
+    np.testing.assert_allclose(out, 2.0 * ref * kept[:, None, None, :], rtol=1e-6, atol=1e-6)
+    assert 0.2 < 1.0 - kept.mean() < 0.8, kept
+    assert not np.array_equal(kept[0], kept[1])  # a mask per image
+  other = train_mode(dropping, tb.key(2))
+  assert not np.array_equal(np.asarray(other["semseg"]) != 0, np.asarray(dropped["semseg"]) != 0)
+  # Evaluation draws nothing and needs no rng.
+  for task, out in dropping.apply(variables, feats, probs, train=False).items():
+    np.testing.assert_array_equal(
+        np.asarray(out), np.asarray(plain.apply(variables, feats, probs, train=False)[task]))
+
+
+@pytest.mark.parametrize("rate", [0.05, -0.1, 1.0])
+def test_dropout_rate_is_checked_when_the_model_is_built(rate):
+  config = tb.row_config("nyud", "atrc")
+  assert config.model.atrc.dropout_rate == atrc.DROPOUT_RATE == 0.05  # ATRC's
+  config.model.atrc.dropout_rate = rate
+  if rate == 0.05:
+    assert tb.build_tiny(config).distillation.dropout_rate == 0.05
+  else:
+    with pytest.raises(ValueError, match=r"model.atrc.dropout_rate = .*expected a number in"):
+      tb.build_tiny(config)
+
+
+def test_train_step_draws_dropout_masks_from_the_seed_and_the_step():
+  """The real train step gives ATRC's dropout a key of (seed, step): the same step gives the same
+  loss, another step other masks; a model without dropout gives the same loss at every step."""
+  batch = tb.fake_batch("nyud", NYUD)
+  losses_by_rate = {}
+  for rate in (0.5, 0.0):
+    config = tb.row_config("nyud", "atrc")
+    config.model.atrc.dropout_rate = rate
+    model = tb.build_tiny(config)
+    variables = model.init(tb.key(0), batch["image"])
+    state = train.TrainState.create(
+        apply_fn=model.apply, params=variables["params"], batch_stats=variables["batch_stats"],
+        tx=optax.adam(1e-3), nonfinite_step=jnp.array(-1, jnp.int32))
+    state = state.replace(step=jnp.asarray(0, jnp.int32))
+    step = jax.jit(functools.partial(train.train_step, tasks=NYUD,
+                                     loss_weights=dict(config.loss_weights),
+                                     schedule=lambda _: 1e-3, seed=3))
+    step = step.lower(state, batch).compile(compiler_options=tb.FAST_COMPILE)
+    losses_by_rate[rate] = [
+        float(step(state.replace(step=jnp.asarray(s, jnp.int32)), batch)[1]["loss/total"])
+        for s in (0, 0, 1)]
+  first, again, later = losses_by_rate[0.5]
+  assert first == again and first != later
+  assert len(set(losses_by_rate[0.0])) == 1
+  assert not np.array_equal(jax.random.key_data(train.dropout_key(3, 0)),
+                            jax.random.key_data(train.dropout_key(4, 0)))
+
+
 # ----------------------------------------------------------------------------- network + loss
 
 
@@ -238,7 +311,7 @@ def test_aux_heads_do_not_train_the_backbone():
 
   def aux_only(params):
     out, _ = model.apply({**variables, "params": params}, batch["image"], train=True,
-                         mutable=["batch_stats"])
+                         mutable=["batch_stats"], rngs={"dropout": tb.key(1)})
     return losses.aux_loss("depth", out["aux"]["depth"], batch["depth"])
 
   grads = tb._flat(jax.grad(aux_only)(variables["params"]))

@@ -97,7 +97,7 @@ def train_and_eval_fn(model, tasks, weights):
 
     def loss_fn(params):
       outputs, updates = model.apply({**variables, "params": params}, batch["image"], train=True,
-                                     mutable=["batch_stats"])
+                                     mutable=["batch_stats"], rngs={"dropout": key(1)})
       return losses.multitask_loss(outputs, batch, tasks, weights)[0], (outputs, updates)
 
     (loss, (train_out, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
