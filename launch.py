@@ -74,6 +74,23 @@ def _filesystem_error(error: BaseException) -> OSError | None:
   return None
 
 
+def _config_error_text(error: BaseException) -> str:
+  """The message of a config parsing error, without the quoting of a wrapped KeyError."""
+  while error.args and isinstance(error.args[0], BaseException):
+    error = error.args[0]  # ml_collections wraps a KeyError in an AttributeError
+  text = error.args[0] if isinstance(error, KeyError) and error.args else error
+  return " ".join(str(text).split())
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with the config file's own errors (a misspelt key, a config file or row
+  that does not exist, a value of the wrong type) as one line instead of a traceback."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError, ValueError, TypeError, OSError, ImportError) as e:
+    sys.exit(f"error: --config: {_config_error_text(e)}")
+
+
 def _initialize_distributed() -> None:
   import jax  # pylint: disable=g-import-not-at-top
 
@@ -127,6 +144,11 @@ def main(argv):
     # checkpoints): the message, not a traceback through the library.
     logging.info("Stopped:", exc_info=True)  # the traceback, in the log file
     sys.exit(f"error: {e}")
+  except ValueError as e:
+    # Mostly a config value the model, the data or the mesh refuses (they name the key); the
+    # traceback stays in the log file for anything else.
+    logging.info("Stopped:", exc_info=True)
+    sys.exit(f"error: {e} (traceback in {os.path.join(workdir, 'log.txt')})")
   except Exception as e:  # pylint: disable=broad-exception-caught
     cause = _filesystem_error(e)
     if cause is None:
@@ -137,4 +159,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

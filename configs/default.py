@@ -58,7 +58,7 @@ def get_config(dataset: str = "nyud") -> ml_collections.ConfigDict:
 
   config.batch_size = 8  # global, over all devices and hosts
   config.num_epochs = 100
-  config.num_train_steps = -1  # > 0 overrides num_epochs (quick runs)
+  config.num_train_steps = -1  # > 0 overrides num_epochs (quick runs; the poly decay spans them)
 
   config.optimizer = ml_collections.ConfigDict({
       "name": "adam",  # "adam" or "sgd"

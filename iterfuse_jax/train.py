@@ -37,7 +37,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 # run starts and only if it is installed.
 from data_pipelines import io_utils  # numpy and PIL only
 from iterfuse_jax import (boundary_eval, console, determinism, eval_resizing, evaluations,
-                          inference, losses, metrics, out_of_memory, summaries, visualization)
+                          inference, losses, metrics, out_of_memory, run_identity, summaries,
+                          visualization)
 from iterfuse_jax import tasks as task_registry
 from iterfuse_jax.models import build, build_model, initialization
 
@@ -72,6 +73,9 @@ class WorkdirError(RuntimeError):
 
 
 def steps_per_epoch(num_train_examples: int, batch_size: int) -> int:
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be at least 1 (images per step, over all devices), got "
+                     f"{batch_size}")
   if num_train_examples < batch_size:
     raise ValueError(
         f"the training split has {num_train_examples} examples, fewer than one global batch "
@@ -79,14 +83,31 @@ def steps_per_epoch(num_train_examples: int, batch_size: int) -> int:
   return num_train_examples // batch_size
 
 
+def total_train_steps(config: ml_collections.ConfigDict, epoch_steps: int) -> int:
+  """The run's length: `num_train_steps` when > 0, else `num_epochs` whole epochs."""
+  if config.num_train_steps > 0:
+    return config.num_train_steps
+  return config.num_epochs * epoch_steps
+
+
 def create_learning_rate_schedule(config: ml_collections.ConfigDict,
                                   epoch_steps: int) -> optax.Schedule:
-  """Poly schedule stepped per epoch: lr * (1 - epoch / num_epochs) ** power."""
+  """Poly schedule stepped per epoch: lr * (1 - epoch / epochs) ** power.
+
+  `epochs` is `num_epochs`, or the epochs `num_train_steps` starts when that is set (it
+  overrides `num_epochs`), so the rate decays over the steps the run takes and never reaches
+  zero before the last one.
+  """
   opt = config.optimizer
-  per_epoch = optax.polynomial_schedule(
-      init_value=opt.learning_rate, end_value=0.0, power=opt.poly_power,
-      transition_steps=config.num_epochs)
-  return lambda step: per_epoch(step // epoch_steps)
+  epochs = -(-total_train_steps(config, epoch_steps) // epoch_steps)
+
+  def schedule(step: jax.Array) -> jax.Array:
+    # Written out rather than optax.polynomial_schedule: compiled, its 1 - count / steps comes out
+    # a rounding below zero at count == steps, and a negative base to the power 0.9 is NaN.
+    remaining = jnp.maximum(1.0 - (step // epoch_steps) / epochs, 0.0)
+    return opt.learning_rate * remaining ** opt.poly_power
+
+  return schedule
 
 
 def create_optimizer(config: ml_collections.ConfigDict,
@@ -312,6 +333,40 @@ def check_workdir(workdir: epath.Path) -> None:
     raise WorkdirError(f"cannot write to the workdir {workdir}: {e.strerror or e}") from e
 
 
+def check_continues_run(config: ml_collections.ConfigDict, workdir: epath.Path,
+                        has_checkpoints: bool) -> None:
+  """Refuses a config that is another experiment than the run whose checkpoints the workdir
+  holds (`iterfuse_jax.run_identity`); lengthening the run or changing how it is evaluated,
+  logged or run is the same experiment.
+
+  Raises:
+    WorkdirError: naming the workdir and every key that differs, with both values.
+  """
+  path = workdir / inference.CONFIG_FILE
+  if not has_checkpoints or not path.exists():
+    return  # a new run, or one killed before its first checkpoint: nothing to continue
+  try:
+    stored = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise WorkdirError(f"cannot read {path} ({e}), the config of the run whose checkpoints "
+                       f"{workdir} holds; train this config in another workdir") from e
+  changed = run_identity.differences(stored, config.to_dict())
+  if changed:
+    raise WorkdirError(
+        f"{workdir} holds the checkpoints of another experiment ({path}); this config changes "
+        + "; ".join(changed) + ". Run that experiment's config to continue or evaluate it, or "
+        "give this one another --workdir")
+
+
+def resolve_atrc_genotype(config: ml_collections.ConfigDict) -> None:
+  """Replaces an ATRC genotype file's path by its JSON text, in place: config.json keeps the
+  genotype itself, not the path of the file it was read from."""
+  if config.model.name == "atrc" and "atrc" in config.model:
+    config.model.atrc.genotype = json.dumps(
+        build.load_atrc_genotype(config.model.atrc.genotype, tuple(config.dataset.tasks)),
+        sort_keys=True)
+
+
 @contextlib.contextmanager
 def main_process_first(name: str) -> Iterator[None]:
   """Process 0 runs the block first (one-time work: writing or preparing data); the others wait
@@ -509,10 +564,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if main:
     check_workdir(workdir)
   tasks = tuple(config.dataset.tasks)
-  if config.model.name == "atrc" and "atrc" in config.model:
-    # config.json keeps the genotype itself, not the path of the file it was read from.
-    config.model.atrc.genotype = json.dumps(
-        build.load_atrc_genotype(config.model.atrc.genotype, tasks), sort_keys=True)
+  resolve_atrc_genotype(config)
+  check_continues_run(config, workdir, bool(committed_steps(workdir / "checkpoints")
+                                            or committed_steps(workdir / "best")))
   dataset = config.dataset.name
   with main_process_first("iterfuse: dataset ready"), warnings.catch_warnings():
     if config.synthetic_data.enabled:
@@ -521,14 +575,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       warnings.simplefilter("ignore", io_utils.SplitSizeWarning)
     with console.library_output():  # tensorflow-datasets prints while it prepares the copy
       num_train = data_pipeline.num_examples(config.dataset, config.dataset.train_split)
-  if main:
-    # What `iterfuse_jax.inference.load_predictor` and the comparison table read back.
-    evaluations.write_atomic(workdir / inference.CONFIG_FILE,
-                             config.to_json_best_effort(indent=2, sort_keys=True))
 
   epoch_steps = steps_per_epoch(num_train, config.batch_size)
-  total_steps = (config.num_train_steps if config.num_train_steps > 0
-                 else config.num_epochs * epoch_steps)
+  total_steps = total_train_steps(config, epoch_steps)
   eval_steps = set(eval_schedule(total_steps, epoch_steps, config.eval_every_steps,
                                  config.get("eval_last_epochs", 0)))
   ckpt_every = (config.checkpoint_every_steps if config.checkpoint_every_steps > 0
@@ -568,9 +617,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = create_train_state(config, model, tx, jax.random.key(config.seed), input_shape, mesh)
   last_saved = start_step if restored is not None else None
   if start_step > total_steps:
-    raise ValueError(f"the newest checkpoint in {workdir / 'checkpoints'} is of step "
-                     f"{start_step}, beyond this config's {total_steps} steps; evaluate it with "
-                     "--mode eval or train in another workdir")
+    raise WorkdirError(f"the newest checkpoint in {workdir / 'checkpoints'} is of step "
+                       f"{start_step}, beyond this config's {total_steps} steps; evaluate it "
+                       "with --mode eval or train in another workdir")
+  if main:
+    # What `iterfuse_jax.inference.load_predictor` and the comparison table read back; written
+    # once the config is known to continue the stored run (check_continues_run) and to fit its
+    # checkpoints, so that a refused command leaves the record as it was.
+    evaluations.write_atomic(workdir / inference.CONFIG_FILE,
+                             config.to_json_best_effort(indent=2, sort_keys=True))
 
   use_clu = summaries.clu_writers_usable()
   writer = summaries.create_writer(str(workdir), just_logging=not main, use_tensorflow=use_clu)
@@ -642,6 +697,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_metrics = []
     last_log_time, last_log_step = time.time(), start_step
     input_s = 0.0  # the loop's time in the input pipeline since the last log
+    # Compiling the step and evaluating are not training: images/s and input_fraction leave
+    # them out (checkpoint saves stay in: the loop waits for them while it trains).
+    excluded_s = 0.0
     with console.progress(total=total_steps, initial=start_step, desc="train") as bar:
       for step in range(start_step + 1, total_steps + 1):
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -649,7 +707,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           batch = next(train_iter)
           input_s += time.perf_counter() - fetch_start
           batch = shard_batch(batch, data_sharding)
+          call_start = time.perf_counter()
           state, step_metrics = jitted_train(state, batch)
+          if step == start_step + 1:  # the call compiles (or loads) the step, then dispatches it
+            excluded_s += time.perf_counter() - call_start
         train_metrics.append(step_metrics)
         for hook in hooks:
           hook(step)
@@ -663,26 +724,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if log_now:
           summary = {k: float(np.mean([m[k] for m in jax.device_get(train_metrics)]))
                      for k in train_metrics[0]}
-          elapsed = time.time() - last_log_time
+          elapsed = max(time.time() - last_log_time - excluded_s, 1e-9)
           summary["images_per_second"] = (step - last_log_step) * config.batch_size / elapsed
           # The steps are dispatched asynchronously, so the loop waits for the device only when
           # it reads results; the share of the wall time it spent getting batches says whether
           # the input pipeline keeps ahead (near 1: it does not; raise dataset.read_threads or
           # dataset.num_workers).
-          summary["input_fraction"] = min(1.0, input_s / max(elapsed, 1e-9))
+          summary["input_fraction"] = min(1.0, input_s / elapsed)
           writer.write_scalars(step, summary)
           bar.set_postfix({"loss": f"{summary['loss/total']:.3f}",
                            "img/s": f"{summary['images_per_second']:.1f}",
                            "input": f"{summary['input_fraction']:.0%}"}, refresh=False)
           train_metrics = []
-          last_log_time, last_log_step, input_s = time.time(), step, 0.0
+          last_log_time, last_log_step, input_s, excluded_s = time.time(), step, 0.0, 0.0
         bar.update(1)
 
         if save_now:
           checkpoints.save(step, state, train_iter)
           last_saved = step
         if eval_now:
+          eval_start = time.perf_counter()
           run_eval(step)
+          excluded_s += time.perf_counter() - eval_start
         writer.flush()
     for hook in hooks:
       if isinstance(hook, summaries.ProfileSteps):
@@ -726,6 +789,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                             "without --mode eval)")
   config = ml_collections.ConfigDict(config.to_dict())
   config.model.pretrained = ""  # the checkpoint holds every weight
+  resolve_atrc_genotype(config)
+  check_continues_run(config, workdir, has_checkpoints=True)
   if config.synthetic_data.enabled and not config.dataset.data_dir:
     prepare_synthetic_data(config, workdir)
   tasks = tuple(config.dataset.tasks)
@@ -742,7 +807,11 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                                           resize_order=config.eval_resize),
                         out_shardings=NamedSharding(mesh, PartitionSpec()),
                         compiler_options=options)
-  eval_batches = create_eval_batches(config)
+  with warnings.catch_warnings():
+    if config.synthetic_data.enabled:  # small splits by design, as in training
+      warnings.simplefilter("ignore", io_utils.SplitSizeWarning)
+    with console.library_output():  # tensorflow-datasets prints while it prepares the copy
+      eval_batches = create_eval_batches(config)
   results = evaluate(state, jitted_eval, eval_batches, data_sharding, len(eval_batches))
   results.update(boundary_metrics(config, workdir, state,
                                   jax.jit(predict_step, compiler_options=options), data_sharding))

@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 import pytest
 from absl import flags
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
@@ -427,6 +428,83 @@ def test_poly_schedule_steps_per_epoch():
   assert lr[5] == pytest.approx(1e-4 * (1 - 99 / 100) ** 0.9)
 
 
+def test_poly_schedule_spans_num_train_steps_and_stays_finite_to_the_end():
+  # num_train_steps overrides num_epochs for the decay too: 16 steps of 2 per epoch decay over
+  # 8 epochs, not the config's 6 (past which the rate would be 0, or NaN compiled).
+  config = tiny_config("", num_train_steps=16)
+  schedule = jax.jit(train.create_learning_rate_schedule(config, epoch_steps=2))
+  lr = np.array([schedule(jnp.int32(s)) for s in range(17)])
+  assert np.isfinite(lr).all(), lr
+  base = config.optimizer.learning_rate
+  np.testing.assert_allclose(lr[15], base * (1 / 8) ** 0.9, rtol=1e-5)
+  assert (np.diff(lr[:16]) <= 0).all() and lr[15] > 0
+  # Without the override: num_epochs; compiled, the step after the last is 0, not NaN (optax's
+  # polynomial_schedule gives NaN there).
+  config = tiny_config("")
+  schedule = jax.jit(train.create_learning_rate_schedule(config, epoch_steps=2))
+  assert float(schedule(jnp.int32(11))) == pytest.approx(base * (1 / 6) ** 0.9, rel=1e-5)
+  assert float(schedule(jnp.int32(12))) == 0.0
+
+
+def test_a_config_of_another_experiment_is_refused_in_a_workdir_with_checkpoints(tmp_path):
+  config = tiny_config(str(tmp_path / "data"))
+  (tmp_path / "config.json").write_text(config.to_json_best_effort())
+  check = functools.partial(train.check_continues_run, workdir=epath.Path(tmp_path),
+                            has_checkpoints=True)
+  # The same experiment, longer, evaluated or run differently, its data moved: continues.
+  check(tiny_config("/elsewhere", num_epochs=9, eval_every_steps=1, **{
+      "model.dtype": "bfloat16", "model.tpim.ifb_impl": "streamed", "num_devices": 1}))
+  with pytest.raises(train.WorkdirError) as refused:
+    check(tiny_config(str(tmp_path / "data"), **{"model.task_channels": 16,
+                                                 "optimizer.learning_rate": 1e-3}))
+  message = str(refused.value)
+  assert str(tmp_path / "config.json") in message
+  assert "model.task_channels: 8 -> 16" in message
+  assert f"optimizer.learning_rate: {config.optimizer.learning_rate} -> 0.001" in message
+  assert "another --workdir" in message
+  # Without checkpoints (a run killed before its first save) there is nothing to continue.
+  train.check_continues_run(tiny_config("", **{"model.task_channels": 16}),
+                            epath.Path(tmp_path), has_checkpoints=False)
+
+
+def test_launch_of_another_experiment_on_a_finished_workdir_is_refused_and_changes_nothing(
+    finished_run, data_dir, tmp_path):
+  _, workdir, *_ = finished_run
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy)
+  before = {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()}
+  for mode in ("train", "eval"):
+    result = launch(*tiny_flags(data_dir, copy), f"--mode={mode}",
+                    "--config.model.task_channels=16")
+    _assert_quiet_error(result, "another experiment", "model.task_channels: 8 -> 16")
+    assert len(result.stderr.splitlines()) < 10, result.stderr
+  after = {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file() and p.name in before}
+  assert after == before  # config.json, metrics and the record untouched (log.txt grew)
+
+
+def test_images_per_second_leaves_out_compiling_and_evaluating(tmp_path, data_dir, monkeypatch):
+  pause_s = 20.0
+  evaluate = train.evaluate
+
+  def slow_evaluate(*args, **kwargs):
+    time.sleep(pause_s)
+    return evaluate(*args, **kwargs)
+
+  monkeypatch.setattr(train, "evaluate", slow_evaluate)
+  # Evaluations after steps 10 (the last whole epoch) and 11 (the last step): the log of step 11
+  # times it across the first.
+  config = tiny_config(data_dir, log_every_steps=1, eval_last_epochs=1, num_train_steps=11)
+  assert train.eval_schedule(11, 2, 0, 1) == [10, 11]
+  with contextlib.redirect_stdout(io.StringIO()):
+    train.train_and_evaluate(config, str(tmp_path))
+  speeds = {step: v for tag, _, step, v in tensorboard_events.read(tmp_path)
+            if tag == "images_per_second"}
+  # A step of 4 tiny images takes well under a second on a loaded CPU; the first interval holds
+  # the compilation (seconds), the last one the 20 s evaluation of step 10.
+  floor = config.batch_size / (pause_s / 2)
+  assert speeds[1] > floor and speeds[11] > floor, speeds
+
+
 def test_adam_adds_l2_decay_to_the_gradient():
   config = ml_collections.ConfigDict(nyud_ifbC.get_config().to_dict())
   tx = train.create_optimizer(config, lambda step: 0.1)
@@ -506,6 +584,13 @@ def test_launch_eval_without_checkpoint_exits_with_the_message(tmp_path, data_di
 def test_launch_of_a_diverging_run_exits_with_the_message(tmp_path, data_dir):
   result = launch(*tiny_flags(data_dir, tmp_path), "--config.optimizer.learning_rate=1e6")
   _assert_quiet_error(result, "non-finite loss or gradient at step", "learning_rate")
+
+
+def test_launch_with_a_misspelt_key_or_a_refused_value_exits_with_the_message(tmp_path, data_dir):
+  result = launch(*tiny_flags(data_dir, tmp_path), "--config.batchsize=4")
+  _assert_quiet_error(result, "--config: 'batchsize'", 'Did you mean "batch_size"')
+  result = launch(*tiny_flags(data_dir, tmp_path), "--config.model.tpim.variant=D")
+  _assert_quiet_error(result, "unknown IFB variant 'D'", str(tmp_path / "log.txt"))
 
 
 def test_launch_with_an_unwritable_workdir_names_it(tmp_path, data_dir):
