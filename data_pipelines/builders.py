@@ -24,6 +24,7 @@ import inspect
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Sequence
 
 from absl import logging
@@ -32,6 +33,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from data_pipelines import io_utils
 from data_pipelines import nyud
 from data_pipelines import pascal_context
 from data_pipelines import transforms
@@ -206,11 +208,25 @@ def source_fingerprint(dataset: str, data_dir: str) -> dict | None:
   return {"data_dir": os.path.realpath(data_dir), "split_files": splits}
 
 
+def _check_source(dataset: str, data_dir: str) -> None:
+  """Raises (as preparing would) unless `data_dir` is a folder with readable split files."""
+  reader = READERS[dataset]
+  reader.check_root(data_dir)
+  # Preparing reads the split files again and warns about their sizes then.
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", io_utils.SplitSizeWarning)
+    for split in SPLITS:
+      reader.split_ids(data_dir, split)
+
+
 def prepare(builder: tfds.core.DatasetBuilder, data_dir: str) -> tfds.core.DatasetBuilder:
   """Builds the array_record copy from the extracted folder `data_dir` unless it is up to date.
 
   A copy prepared from another folder, or from this folder before its split files were rewritten,
-  is deleted and prepared again. Where `data_dir` is absent, an existing copy is used as it is.
+  is deleted and prepared again, once `data_dir` is found to hold the dataset's split files. Only
+  the split files are fingerprinted: after editing an image or label file in place, delete the
+  prepared copy (or touch a split file) to have it prepared again. Where `data_dir` is absent, an
+  existing copy is used as it is.
 
   Returns:
     A builder reading the prepared copy.
@@ -230,12 +246,14 @@ def prepare(builder: tfds.core.DatasetBuilder, data_dir: str) -> tfds.core.Datas
           stored = None
     if stored == fingerprint:
       return builder
+  # Before anything is deleted: a data_dir pointing at the wrong folder must not cost a good copy.
+  _check_source(dataset, data_dir)
+  if builder.is_prepared():
     logging.warning("The prepared copy %s does not match %s (changed or another folder); "
                     "preparing it again.", builder.data_dir, data_dir)
     shutil.rmtree(os.fspath(builder.data_dir))
     builder = type(builder)(data_dir=builder.data_dir_root, config=builder.builder_config.name,
                             file_format=FILE_FORMAT)
-  READERS[dataset].check_root(data_dir)
   if os.path.isdir(os.fspath(builder.data_dir)) and not builder.is_prepared():
     # What a run killed while preparing or deleting a copy left: tfds would not rename its new
     # copy onto it.

@@ -44,8 +44,13 @@ def read_split_file(path: str, published_size: int | None, how_to_get: str) -> l
   """
   if not os.path.isfile(path):
     raise FileNotFoundError(f"split file {path} not found. {how_to_get}")
-  with open(path, encoding="utf-8") as f:
-    ids = [line.strip() for line in f if line.strip()]
+  # utf-8-sig: an editor's byte order mark would otherwise become part of the first id.
+  try:
+    with open(path, encoding="utf-8-sig") as f:
+      ids = [line.strip() for line in f if line.strip()]
+  except UnicodeDecodeError as e:
+    raise DataError(f"split file {path} is not UTF-8 text ({e}); expected one id a line in "
+                    "UTF-8 (a PowerShell '>' redirect writes UTF-16: save it as UTF-8)") from e
   if not ids:
     raise DataError(f"split file {path} lists no image ids")
   duplicates = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) != len(ids) else []
@@ -58,8 +63,17 @@ def read_split_file(path: str, published_size: int | None, how_to_get: str) -> l
   return ids
 
 
+# PIL modes of more than 8 bits a sample (16-bit PNGs open as "I;16", TIFFs as "I" or "F"):
+# convert() clips their values to 0..255 instead of scaling them.
+_HIGH_DEPTH_MODES = ("I", "F")
+
+
+def _is_high_depth(mode: str) -> bool:
+  return mode in _HIGH_DEPTH_MODES or mode.startswith(("I;", "F;"))
+
+
 def read_rgb_image(path: str) -> tuple[np.ndarray, bytes]:
-  """Decodes an image file to RGB.
+  """Decodes an image file to RGB (8-bit modes only: L, P, RGB, RGBA, CMYK, YCbCr, ...).
 
   Returns:
     The pixels, uint8 [H, W, 3], and encoded bytes that decode to exactly these pixels: the file's
@@ -72,7 +86,13 @@ def read_rgb_image(path: str) -> tuple[np.ndarray, bytes]:
     with Image.open(io.BytesIO(data)) as image:
       image.load()
       mode, fmt = image.mode, image.format
+      if _is_high_depth(mode):
+        raise DataError(f"image {path} has PIL mode {mode!r} (more than 8 bits a sample, which "
+                        "a conversion to RGB would clip); expected an 8-bit image such as an "
+                        "RGB JPEG")
       rgb = image.convert("RGB") if mode != "RGB" else image.copy()
+  except DataError:
+    raise
   except Exception as e:  # PIL raises several types for broken files.
     raise DataError(f"cannot decode image {path}: {e}") from e
   pixels = np.asarray(rgb, dtype=np.uint8)
@@ -83,6 +103,10 @@ def read_rgb_image(path: str) -> tuple[np.ndarray, bytes]:
   return pixels, buffer.getvalue()
 
 
+# The PNG modes of at most 8 bits a sample, which convert() maps to luminance without clipping.
+_CONVERTIBLE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA")
+
+
 def _read_png(path: str, what: str, modes: tuple[str, ...], expected: str,
               convert: str | None = None) -> np.ndarray:
   """A label image as its stored uint8 values, in one of the PIL `modes` (after `convert`)."""
@@ -91,6 +115,10 @@ def _read_png(path: str, what: str, modes: tuple[str, ...], expected: str,
     with Image.open(path) as image:
       image.load()
       if convert is not None and image.mode != convert:
+        if image.mode not in _CONVERTIBLE_MODES:
+          raise DataError(f"{what} label {path} has PIL mode {image.mode!r}; expected an 8-bit "
+                          f"PNG (one of the modes {', '.join(_CONVERTIBLE_MODES)}), not 16-bit "
+                          "or float values, which a conversion would clip")
         image = image.convert(convert)
       if image.mode not in modes:
         raise DataError(f"{what} label {path} has PIL mode {image.mode!r}; expected {expected}")
@@ -107,7 +135,8 @@ def read_label_png(path: str, what: str, grayscale: bool = False) -> np.ndarray:
   Args:
     path: the PNG file.
     what: the task, for error messages.
-    grayscale: convert to luminance first (saliency maps that may be stored as RGB).
+    grayscale: convert to luminance first (saliency maps that may be stored as RGB or palette
+      PNGs); 16-bit and float maps are rejected rather than clipped.
   """
   return _read_png(path, what, ("L", "P"), "a single-channel 8-bit PNG ('L' or palette 'P')",
                    convert="L" if grayscale else None)

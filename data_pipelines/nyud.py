@@ -68,9 +68,14 @@ def read_depth(path: str, shape: Sequence[int]) -> np.ndarray:
   depth = _load_npy(path, "depth")
   if depth.ndim == 3 and depth.shape[-1] == 1:
     depth = depth[..., 0]
-  if depth.ndim != 2 or not np.issubdtype(depth.dtype, np.number):
+  if depth.ndim != 2:
     raise io_utils.DataError(f"depth label {path} is {depth.dtype} of shape {depth.shape}; "
                              "expected a 2-D float array")
+  # Integer maps are usually millimetres (NYU's raw 16-bit depth), which would pass as metres.
+  if not np.issubdtype(depth.dtype, np.floating):
+    raise io_utils.DataError(f"depth label {path} is {depth.dtype}; expected float metres "
+                             "(float16/32/64). Integer millimetres must be divided by 1000 and "
+                             "saved as float")
   io_utils.check_shape(depth, shape, path, "depth")
   depth = depth.astype(np.float32)
   if not np.all(np.isfinite(depth)) or depth.min() < 0:
@@ -103,7 +108,8 @@ def read_edge(path: str, shape: Sequence[int]) -> np.ndarray:
   edge = _load_npy(path, "edge")
   if edge.ndim == 3 and edge.shape[-1] == 1:
     edge = edge[..., 0]
-  if edge.ndim != 2 or not (np.issubdtype(edge.dtype, np.number) or edge.dtype == bool):
+  if edge.ndim != 2 or not (np.issubdtype(edge.dtype, np.integer)
+                            or np.issubdtype(edge.dtype, np.floating) or edge.dtype == bool):
     raise io_utils.DataError(f"edge label {path} is {edge.dtype} of shape {edge.shape}; expected "
                              "a 2-D array of 0 (no edge) and 1 (edge)")
   io_utils.check_shape(edge, shape, path, "edge")

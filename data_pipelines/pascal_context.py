@@ -31,6 +31,8 @@ NAME = "pascal"
 TASKS = ("semseg", "human_parts", "sal", "normals", "edge")
 NUM_SEMSEG_CLASSES = 21
 NUM_HUMAN_PARTS = 7
+# Class ids of the PASCAL-Context `LabelMap`: 1..459 (labels.txt), 0 where no class is drawn.
+NUM_CONTEXT_CLASSES = 459
 IGNORE_LABEL = 255
 PERSON_CLASS = 15
 SPLIT_FILE = "ImageSets/Context/{split}.txt"
@@ -135,7 +137,11 @@ def decode_human_parts(path: str, shape: Sequence[int]) -> np.ndarray:
     if len(fields) < 4:
       raise io_utils.DataError(f"human_parts file {path}: object {index} has {len(fields)} fields; "
                                "expected (class, class_ind, mask, parts)")
-    class_id = int(np.asarray(fields[1]).reshape(-1)[0])
+    class_ind = np.asarray(fields[1]).reshape(-1)
+    if class_ind.size != 1 or not np.issubdtype(class_ind.dtype, np.number):
+      raise io_utils.DataError(f"human_parts file {path}: object {index} has class_ind "
+                               f"{class_ind.dtype} of size {class_ind.size}; expected one class id")
+    class_id = int(class_ind[0])
     if class_id != PERSON_CLASS:
       continue
     # The survey lists an image as having human parts if a person's instance mask has area > 0.
@@ -143,7 +149,16 @@ def decode_human_parts(path: str, shape: Sequence[int]) -> np.ndarray:
     parts = np.asarray(fields[3])
     for part_index, part in enumerate(parts.reshape(-1) if parts.size else []):
       part_fields = _struct_fields(part, path, f"part {part_index} of object {index}")
-      name = str(np.asarray(part_fields[0]).reshape(-1)[0])
+      if len(part_fields) < 2:
+        raise io_utils.DataError(f"human_parts file {path}: part {part_index} of object {index} "
+                                 f"has {len(part_fields)} field(s); expected (part_name, mask)")
+      stored_name = np.asarray(part_fields[0]).reshape(-1)
+      if stored_name.size != 1 or not str(stored_name[0]):
+        raise io_utils.DataError(
+            f"human_parts file {path}: part {part_index} of object {index} has an empty or "
+            f"malformed part_name ({stored_name.size} value(s) of {stored_name.dtype}); expected "
+            f"one of {sorted(PART_CLASSES)}")
+      name = str(stored_name[0])
       if name not in PART_CLASSES:
         raise io_utils.DataError(f"human_parts file {path}: unknown person part name {name!r} "
                                  f"(object {index}); expected one of {sorted(PART_CLASSES)}")
@@ -172,8 +187,12 @@ def read_context_labels(root: str, image_id: str, shape: Sequence[int]) -> np.nd
     raise io_utils.DataError(f"PASCAL-Context label map {path} is {labels.dtype} of shape "
                              f"{labels.shape}; expected a 2-D array of class ids")
   io_utils.check_shape(labels, shape, path, "PASCAL-Context")
-  if labels.min() < 0:
-    raise io_utils.DataError(f"PASCAL-Context label map {path} holds negative class ids")
+  if labels.min() < 0 or labels.max() > NUM_CONTEXT_CLASSES:
+    bad = np.unique(labels[(labels < 0) | (labels > NUM_CONTEXT_CLASSES)])
+    raise io_utils.DataError(f"PASCAL-Context label map {path} holds class ids "
+                             f"{bad[:10].astype(np.int64).tolist()} outside "
+                             f"0..{NUM_CONTEXT_CLASSES}; expected the {NUM_CONTEXT_CLASSES}-class "
+                             "ids (0 = no class)")
   return labels.astype(np.int32)
 
 

@@ -393,6 +393,151 @@ def test_prepared_copy_is_redone_when_the_folder_is_rewritten(tmp_path):
   assert pipeline.num_examples(cfg, "train") == 3
 
 
+def test_wrong_data_folder_keeps_the_prepared_copy(tmp_path):
+  root = str(tmp_path / "NYUD_MT")
+  synthetic.write_nyud(root, num_train=2, num_val=1, seed=0, height=SIZE[0], width=SIZE[1])
+  cfg = dataset_config("nyud", root, tasks=("semseg",), prepared_dir=str(tmp_path / "prepared"))
+  assert pipeline.num_examples(cfg, "train") == 2
+  builder = builders.get_builder("nyud", ("semseg",), cfg.prepared_dir)
+  fingerprint = os.path.join(os.fspath(builder.data_dir), builders.FINGERPRINT_FILE)
+  with open(fingerprint, "rb") as f:
+    stored = f.read()
+  # data_dir pointing at the parent folder: it exists, but holds no NYUD_MT split files.
+  cfg.data_dir = str(tmp_path)
+  with pytest.raises(FileNotFoundError, match=r"split file .*gt_sets/train\.txt not found"):
+    pipeline.num_examples(cfg, "train")
+  assert builders.get_builder("nyud", ("semseg",), cfg.prepared_dir).is_prepared()
+  # A folder whose split file cannot be read.
+  other = str(tmp_path / "other")
+  shutil.copytree(root, other)
+  with open(os.path.join(other, "gt_sets", "val.txt"), "wb") as f:
+    f.write("000002\r\n".encode("utf-16"))
+  cfg.data_dir = other
+  with pytest.raises(io_utils.DataError, match=r"split file .*gt_sets/val\.txt is not UTF-8"):
+    pipeline.num_examples(cfg, "train")
+  assert builders.get_builder("nyud", ("semseg",), cfg.prepared_dir).is_prepared()
+  with open(fingerprint, "rb") as f:
+    assert f.read() == stored
+  cfg.data_dir = root
+  assert pipeline.num_examples(cfg, "train") == 2
+
+
+def test_split_file_with_a_byte_order_mark_or_in_utf16(nyud_copy):
+  path = os.path.join(nyud_copy, "gt_sets", "train.txt")
+  # Notepad's and PowerShell's "UTF-8" put a byte order mark first.
+  with open(path, "wb") as f:
+    f.write("\ufeff000000\r\n000001\r\n".encode("utf-8"))
+  assert nyud.split_ids(nyud_copy, "train") == ["000000", "000001"]
+  with open(path, "wb") as f:
+    f.write("000000\r\n000001\r\n".encode("utf-16"))
+  with pytest.raises(io_utils.DataError, match=r"split file .*gt_sets/train\.txt is not UTF-8 "
+                     r"text .*UTF-16"):
+    nyud.split_ids(nyud_copy, "train")
+
+
+def test_depth_must_be_float_metres(nyud_copy):
+  path = os.path.join(nyud_copy, "depth", "000000.npy")
+  metres = np.load(path)
+  assert metres.dtype == np.float32 and metres.max() > 1
+  np.save(path, np.round(metres * 1000).astype(np.uint16))  # NYU's raw millimetres
+  with pytest.raises(io_utils.DataError, match=r"depth label .*000000\.npy is uint16; expected "
+                     r"float metres .*millimetres must be divided by 1000"):
+    nyud.read_example(nyud_copy, "000000", ("depth",))
+  np.save(path, metres.astype(np.complex64))
+  with pytest.raises(io_utils.DataError, match=r"000000\.npy is complex64; expected float"):
+    nyud.read_example(nyud_copy, "000000", ("depth",))
+  np.save(path, metres.astype(np.float16))
+  depth = nyud.read_example(nyud_copy, "000000", ("depth",))["depth"]
+  np.testing.assert_array_equal(depth, metres.astype(np.float16).astype(np.float32))
+  path = os.path.join(nyud_copy, "edge", "000000.npy")
+  edge = np.load(path)
+  np.save(path, edge.astype(np.complex64))
+  with pytest.raises(io_utils.DataError, match=r"edge label .*000000\.npy is complex64"):
+    nyud.read_example(nyud_copy, "000000", ("edge",))
+  np.save(path, edge.astype(np.uint8))  # 0/1 integers are the same boundary map
+  np.testing.assert_array_equal(nyud.read_example(nyud_copy, "000000", ("edge",))["edge"], edge)
+
+
+def test_16bit_saliency_is_rejected_8bit_modes_are_read(pascal_copy):
+  image_id = "2008_000000"
+  path = os.path.join(pascal_copy, "sal_distill", f"{image_id}.png")
+  sal = np.asarray(Image.open(path))
+  assert Image.open(path).mode == "L"
+  expected = (sal / 255 > 0.5).astype(np.uint8)
+  assert 0 < expected.mean() < 1
+  Image.fromarray(np.stack([sal] * 3, -1), mode="RGB").save(path)
+  np.testing.assert_array_equal(
+      pascal_context.read_example(pascal_copy, image_id, ("sal",))["sal"], expected)
+  Image.fromarray(sal, mode="L").convert("P").save(path)
+  assert Image.open(path).mode == "P"
+  np.testing.assert_array_equal(
+      pascal_context.read_example(pascal_copy, image_id, ("sal",))["sal"], expected)
+  Image.fromarray(sal.astype(np.uint16) * 257).save(path)  # the same map in 16 bits
+  assert Image.open(path).mode == "I;16"
+  with pytest.raises(io_utils.DataError, match=rf"sal label .*{image_id}\.png has PIL mode "
+                     r"'I;16'; expected an 8-bit PNG"):
+    pascal_context.read_example(pascal_copy, image_id, ("sal",))
+
+
+def test_16bit_image_is_rejected_8bit_modes_are_read(nyud_copy):
+  path = os.path.join(nyud_copy, "images", "000000.jpg")
+  grey = np.asarray(Image.open(path).convert("L"))
+  Image.fromarray(grey.astype(np.uint16) * 257).save(path, format="PNG")
+  assert Image.open(path).mode == "I;16"
+  with pytest.raises(io_utils.DataError, match=r"image .*images/000000\.jpg has PIL mode "
+                     r"'I;16'.*expected an 8-bit image"):
+    nyud.read_example(nyud_copy, "000000", ("semseg",))
+  # Grayscale and CMYK JPEGs convert to RGB as they are.
+  for mode in ("L", "CMYK"):
+    Image.fromarray(grey, mode="L").convert(mode).save(path, format="JPEG", quality=95)
+    with Image.open(path) as stored:
+      assert stored.mode == mode
+      expected = np.asarray(stored.convert("RGB"))
+    np.testing.assert_array_equal(nyud.read_example(nyud_copy, "000000", ("semseg",))["image"],
+                                  expected)
+
+
+def _raw_anno(objects: list[tuple]) -> np.ndarray:
+  """A PASCAL-Part `anno` struct from raw field tuples (malformed ones included)."""
+  obj_array = np.empty((1, len(objects)),
+                       dtype=[("class", "O"), ("class_ind", "O"), ("mask", "O"), ("parts", "O")])
+  for i, obj in enumerate(objects):
+    obj_array[0, i] = obj
+  anno = np.empty((1, 1), dtype=[("imname", "O"), ("objects", "O")])
+  anno[0, 0] = ("2008_000000", obj_array)
+  return anno
+
+
+def test_malformed_human_parts_structs(pascal_copy):
+  path = os.path.join(pascal_copy, "human_parts", "2008_000000.mat")
+  shape = np.asarray(Image.open(os.path.join(pascal_copy, "JPEGImages", "2008_000000.jpg"))).shape
+  mask = np.zeros(shape[:2], np.uint8)
+  mask[2:8, 2:8] = 1
+  head = np.empty((1, 1), dtype=[("part_name", "O"), ("mask", "O")])
+  head[0, 0] = ("head", mask)
+  scipy.io.savemat(path, {"anno": _raw_anno([("car", 7, mask, np.zeros((0, 0))),
+                                             ("person", np.zeros((0, 0)), mask, head)])})
+  with pytest.raises(io_utils.DataError, match=r"human_parts file .*2008_000000\.mat: object 1 "
+                     r"has class_ind float64 of size 0; expected one class id"):
+    pascal_context.read_example(pascal_copy, "2008_000000", ("human_parts",))
+  scipy.io.savemat(path, {"anno": synthetic._mat_struct(  # pylint: disable=protected-access
+      [("person", 15, mask, [("head", mask), ("", mask)])])})
+  with pytest.raises(io_utils.DataError, match=r"2008_000000\.mat: part 1 of object 0 has an "
+                     r"empty or malformed part_name"):
+    pascal_context.read_example(pascal_copy, "2008_000000", ("human_parts",))
+  name_only = np.empty((1, 1), dtype=[("part_name", "O")])
+  name_only[0, 0] = ("head",)
+  scipy.io.savemat(path, {"anno": _raw_anno([("person", 15, mask, name_only)])})
+  with pytest.raises(io_utils.DataError, match=r"2008_000000\.mat: part 0 of object 0 has 1 "
+                     r"field\(s\); expected \(part_name, mask\)"):
+    pascal_context.read_example(pascal_copy, "2008_000000", ("human_parts",))
+  # The same objects, well formed, decode.
+  scipy.io.savemat(path, {"anno": _raw_anno([("car", 7, mask, np.zeros((0, 0))),
+                                             ("person", 15, mask, head)])})
+  parts = pascal_context.read_example(pascal_copy, "2008_000000", ("human_parts",))["human_parts"]
+  np.testing.assert_array_equal(parts, mask)
+
+
 # ----------------------------------------------------------------------------- normals and edges
 
 
@@ -474,6 +619,21 @@ def test_pascal_normals_only_on_classes_shared_with_nyud(pascal_copy):
   with pytest.raises(io_utils.DataError, match=r"normals label .*2008_000000\.png has PIL mode "
                      r"'L'; expected an 8-bit RGB"):
     pascal_context.read_example(pascal_copy, image_id, ("normals",))
+
+
+def test_context_label_map_ids_outside_the_459_classes(pascal_copy):
+  image_id = "2008_000000"
+  shape = np.asarray(Image.open(os.path.join(pascal_copy, "JPEGImages", f"{image_id}.jpg"))).shape
+  labels = np.zeros(shape[:2], np.int64)  # 0: no class drawn
+  labels[:, 10:] = 459  # the highest class id
+  _write_context(pascal_copy, image_id, labels)
+  assert pascal_context.read_example(pascal_copy, image_id, ("edge",))["edge"].any()
+  labels[:3, :3] = 460
+  labels[5, 5] = 60000
+  _write_context(pascal_copy, image_id, labels)
+  with pytest.raises(io_utils.DataError, match=rf"label map .*{image_id}\.mat holds class ids "
+                     r"\[460, 60000\] outside 0\.\.459"):
+    pascal_context.read_example(pascal_copy, image_id, ("normals", "edge"))
 
 
 def test_pascal_edges_from_the_label_map(pascal_copy):
