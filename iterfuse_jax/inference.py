@@ -28,22 +28,44 @@ from etils import epath
 
 from data_pipelines.normalization import IMAGENET_MEAN, IMAGENET_STD
 from iterfuse_jax import determinism
+from iterfuse_jax import eval_resizing
 from iterfuse_jax import tasks as task_registry
 from iterfuse_jax.models import build_model
 from iterfuse_jax.models.iterative_fusion import ifb_update
-from iterfuse_jax.models.layers import resize_bilinear
+
 CONFIG_FILE = "config.json"
 
 
+# 16-bit greyscale modes (16-bit PNGs and TIFFs): scaled to 8 bits, 65535 -> 255.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
 def read_image(path: str | epath.Path) -> np.ndarray:
-  """Reads an image file as RGB uint8 [H, W, 3]; raises naming the file if it cannot."""
-  from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+  """Reads an image file as RGB uint8 [H, W, 3], as it is displayed; raises naming the file if it
+  cannot.
+
+  The EXIF orientation is applied (phone photos store the sensor's landscape pixels and a tag
+  that rotates them). 16-bit greyscale images (modes I;16*) are scaled to 8 bits by rounding
+  v / 257, so that 65535 is 255; 32-bit integer and float images (modes I and F) have no
+  conventional white level and are refused with an error naming the file and mode. Other modes
+  (palette, grey, RGBA, CMYK...) go through PIL's `convert("RGB")`.
+  """
+  from PIL import Image, ImageOps, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
 
   path = epath.Path(path)
   if not path.exists():
     raise FileNotFoundError(f"image file {path} does not exist")
   try:
     with Image.open(path) as img:
+      img = ImageOps.exif_transpose(img)
+      if img.mode in _SIXTEEN_BIT_MODES:
+        grey = (np.asarray(img).astype(np.uint32) + 128) // 257
+        return np.repeat(grey.astype(np.uint8)[..., None], 3, axis=-1)
+      if img.mode in ("I", "F"):
+        kind = "32-bit integer" if img.mode == "I" else "float"
+        raise ValueError(
+            f"cannot read image {path}: mode {img.mode} ({kind} pixels) has no standard white "
+            "level; convert it to 8-bit RGB yourself and pass the array to predict")
       return np.asarray(img.convert("RGB"))
   except (UnidentifiedImageError, OSError) as e:
     raise ValueError(f"cannot read image {path}: {e}") from e
@@ -56,13 +78,36 @@ def check_rgb(image: np.ndarray) -> np.ndarray:
     raise ValueError(
         f"expected one RGB image of shape [H, W, 3], got shape {image.shape} (convert grey or "
         "RGBA images to RGB first, e.g. PIL's Image.convert('RGB'))")
+  if image.shape[0] == 0 or image.shape[1] == 0:
+    raise ValueError(f"the image is empty: shape {image.shape}")
   if image.dtype == np.uint8:
     return image.astype(np.float32) / 255.0
   if not np.issubdtype(image.dtype, np.floating):
     raise ValueError(f"expected a uint8 or float image, got dtype {image.dtype}")
+  if not np.all(np.isfinite(image)):
+    raise ValueError(f"the image holds {np.count_nonzero(~np.isfinite(image))} NaN or infinite "
+                     "values; a float image must hold values in [0, 1]")
   if image.min() < 0 or image.max() > 1:
     raise ValueError(f"a float image must hold values in [0, 1], got [{image.min()}, {image.max()}]")
   return image.astype(np.float32)
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """Resizes a valid RGB image [H, W, 3] (uint8, or float in [0, 1]) to float32 0..1 [*size, 3]
+  exactly as the evaluation pipeline resizes its images (data_pipelines.transforms.resize).
+
+  That is PIL bicubic on 8-bit pixels: PIL widens the kernel by the shrink factor, so a photo
+  much larger than the model's input is low-pass filtered rather than aliased. A float image is
+  first rounded to 8 bits: the network only ever saw 8-bit pixels, and it keeps a uint8 image
+  and the same image as floats (uint8 / 255) the same input.
+  """
+  from data_pipelines import transforms  # pylint: disable=g-import-not-at-top
+
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    image = np.round(image.astype(np.float32) * 255.0).astype(np.uint8)
+  resized = transforms.resize({"image": image}, size, keys=("image",))["image"]
+  return resized.astype(np.float32) / 255.0
 
 
 def normalize(image01: np.ndarray) -> np.ndarray:
@@ -187,34 +232,68 @@ class Predictor:
     return jax.jit(lambda variables, x: self.model.apply(variables, x, train=False)["final"],
                    compiler_options=determinism.compiler_options(self.config))
 
-  def predict_logits(self, image: np.ndarray) -> dict[str, np.ndarray]:
-    """Final logits {task: [H, W, C_task]} at the image's own size.
+  @property
+  def eval_resize(self) -> str:
+    """How predictions are brought back to the image's size: the config's eval_resize (configs
+    written before the option existed evaluated in the "survey" order, its default)."""
+    return eval_resizing.check_order(self.config.get("eval_resize", "survey"))
 
-    image: RGB [H, W, 3], uint8 or float in [0, 1]. It is resized to the model's input size,
-    and the logits are resized back bilinearly (as the evaluation does).
+  def network_input(self, image: np.ndarray) -> np.ndarray:
+    """The normalised batch the network sees for one RGB image [H, W, 3] (uint8 or float in
+    [0, 1]): float32 [1, h, w, 3] at the model's input size, resized as the evaluation pipeline
+    resizes its images (`resize_image`)."""
+    check_rgb(image)
+    return normalize(resize_image(image, self.input_size)).astype(np.float32)[None]
+
+  def _network_logits(self, image: np.ndarray) -> dict[str, jax.Array]:
+    """Final logits {task: [1, h, w, C_task]} at the model's input size."""
+    return self._forward(self.variables, jnp.asarray(self.network_input(image)))
+
+  def predict_logits(self, image: np.ndarray) -> dict[str, np.ndarray]:
+    """Final logits {task: [H, W, C_task]} float32 at the image's own size.
+
+    image: RGB [H, W, 3], uint8 or float in [0, 1]. It is resized to the model's input size as
+    the evaluation pipeline resizes images, and the logits are resized back bilinearly (half-pixel
+    centres, no antialiasing), as the evaluation does in its eval_resize="logits" order. `predict`
+    follows the config's order instead.
     """
-    image = check_rgb(image)
-    size = image.shape[:2]
-    x = resize_bilinear(jnp.asarray(normalize(image))[None], self.input_size)
-    logits = self._forward(self.variables, x)
-    return {t: np.asarray(resize_bilinear(v, size)[0]) for t, v in logits.items()}
+    size = np.asarray(image).shape[:2]
+    logits = self._network_logits(image)
+    return {t: np.array(eval_resizing.resize_linear_to_canvas(v, jnp.array([size]), size)[0],
+                        np.float32)
+            for t, v in logits.items()}
 
   def predict(self, image: np.ndarray) -> dict[str, np.ndarray]:
-    """Predictions at the image's size: segmentation [H, W] int32 class ids, depth [H, W]
-    float32 metres, saliency and edge [H, W] float32 probability, normals [H, W, 3] float32
-    unit vectors."""
+    """Predictions at the image's size [H, W], as the evaluation scores them.
+
+    Returns numpy arrays: segmentation [H, W] int32 class ids, depth [H, W] float32 metres,
+    saliency and edge [H, W] float32 probability, normals [H, W, 3] float32 unit vectors. They
+    are brought to the image's size in the config's eval_resize order (iterfuse_jax.eval_resizing):
+    with "survey" (the default) class ids are taken at the network's size and resized by nearest
+    neighbour, and saliency probabilities resized linearly and truncated to multiples of 1/255
+    (the survey's 8-bit files); with "logits" the logits are resized linearly and then decoded.
+    Depth, normals and edge logits are resized linearly in both orders.
+    """
+    size = np.asarray(image).shape[:2]
+    logits = self._network_logits(image)
+    resized, decoded = eval_resizing.eval_predictions(
+        logits, jnp.array([size]), size, self.tasks, self.eval_resize)
     out = {}
-    for task, logits in self.predict_logits(image).items():
+    for task in self.tasks:
+      values = np.array(resized[task][0])
       kind = task_registry.get_task(task).kind
       if kind == "segmentation":
-        out[task] = logits.argmax(-1).astype(np.int32)
+        out[task] = (values if decoded else values.argmax(-1)).astype(np.int32)
+      elif kind == "binary" and decoded:
+        out[task] = values[..., 0].astype(np.float32)
       elif kind in ("binary", "boundary"):
-        out[task] = jax.nn.sigmoid(logits[..., 0]).astype(np.float32)
+        # Through jax: numpy's exp warns of overflow on very negative logits.
+        out[task] = np.array(jax.nn.sigmoid(values[..., 0]), np.float32)
       elif kind == "normals":
-        norm = np.linalg.norm(logits, axis=-1, keepdims=True)
-        out[task] = (logits / (norm + 1e-12)).astype(np.float32)
+        norm = np.linalg.norm(values, axis=-1, keepdims=True)
+        out[task] = (values / (norm + 1e-12)).astype(np.float32)
       else:
-        out[task] = logits[..., 0].astype(np.float32)
+        out[task] = values[..., 0].astype(np.float32)
     return out
 
   def colorize(self, predictions: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -263,7 +342,7 @@ class Predictor:
     if not (0 <= row < h_img and 0 <= col < w_img):
       raise ValueError(f"pixel {pixel} is outside the image of size {(h_img, w_img)}")
 
-    x = resize_bilinear(jnp.asarray(normalize(image01))[None], self.input_size)
+    x = jnp.asarray(self.network_input(image))
     _, state = self.model.apply(self.variables, x, train=False, mutable=["intermediates"])
     cib = state["intermediates"]["distillation"][f"cib_{source}_to_{target}"]
     co = np.asarray(cib["affinity"][0][0])  # [M, M]

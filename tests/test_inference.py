@@ -1,6 +1,7 @@
 """The notebook API: load a workdir, predict at any size, inspect CIB attention, clear errors."""
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -141,3 +142,126 @@ def test_read_image_errors(tmp_path):
   bad.write_bytes(b"not an image")
   with pytest.raises(ValueError, match="bad.jpg"):
     inference.read_image(bad)
+
+
+class _FakeModel:
+  """Stands in for a network: `fn` maps the input batch [1, h, w, 3] to {task: logits}."""
+
+  def __init__(self, fn):
+    self.fn = fn
+
+  def apply(self, variables, x, train):
+    del variables, train
+    return {"final": self.fn(x)}
+
+
+def _fake_predictor(tasks, fn, dataset="pascal", size=(8, 8), eval_resize=None):
+  config = ml_collections.ConfigDict({
+      "dataset": {"name": dataset, "tasks": list(tasks), "eval_size": list(size)}})
+  if eval_resize is not None:
+    config.eval_resize = eval_resize
+  return inference.Predictor(config=config, model=_FakeModel(fn), variables={})
+
+
+def _checkerboard_logits(x):
+  """Fixed logits at the input size: semseg classes 0/1 in a checkerboard, sal and edge ramps."""
+  rows, cols = np.indices(x.shape[1:3])
+  board = ((rows + cols) % 2).astype(np.float32)
+  ramp = np.linspace(-4, 4, board.size, dtype=np.float32).reshape(board.shape)
+  return {"semseg": jnp.asarray(np.stack([board, 1 - board], -1)[None]),
+          "sal": jnp.asarray(ramp[None, ..., None]),
+          "edge": jnp.asarray(-ramp[None, ..., None])}
+
+
+def test_read_image_applies_the_exif_orientation(tmp_path):
+  from PIL import Image
+
+  landscape = np.zeros((6, 8, 3), np.uint8)
+  landscape[:, :2] = 255
+  exif = Image.Exif()
+  exif[0x0112] = 6  # "rotate 90 degrees clockwise to display", as phones write portrait shots
+  path = tmp_path / "portrait.png"
+  Image.fromarray(landscape).save(path, exif=exif.tobytes())
+  np.testing.assert_array_equal(inference.read_image(path), np.rot90(landscape, k=-1))
+
+
+def test_read_image_scales_16_bit_and_refuses_32_bit(tmp_path):
+  from PIL import Image
+
+  values = np.array([[0, 257, 257 * 128, 257 * 128 + 100, 65535]], np.uint16)
+  path = tmp_path / "grey16.png"
+  Image.fromarray(values).save(path)
+  image = inference.read_image(path)
+  assert image.shape == (1, 5, 3) and image.dtype == np.uint8
+  np.testing.assert_array_equal(image[..., 0], [[0, 1, 128, 128, 255]])
+  np.testing.assert_array_equal(image[..., 0], image[..., 2])
+  path = tmp_path / "float.tif"
+  Image.fromarray(np.full((2, 3), 0.5, np.float32)).save(path)
+  with pytest.raises(ValueError, match=r"float\.tif: mode F"):
+    inference.read_image(path)
+
+
+def test_predict_returns_writable_numpy_arrays():
+  predictor = _fake_predictor(("semseg", "sal", "edge"), _checkerboard_logits)
+  out = predictor.predict(np.zeros((12, 10, 3), np.uint8))
+  for task, value in out.items():
+    assert type(value) is np.ndarray and value.shape == (12, 10), task
+    value[0, 0] = 0
+  assert out["sal"].dtype == out["edge"].dtype == np.float32
+
+
+def test_predict_follows_the_configs_eval_resize():
+  image = np.zeros((20, 12, 3), np.uint8)
+  logits = {t: np.asarray(v[0]) for t, v in _checkerboard_logits(np.zeros((1, 8, 8, 3))).items()}
+  # The default ("survey", configs without the key): class ids at the network's size, then
+  # OpenCV's nearest neighbour; saliency probabilities resized linearly and truncated to 8 bits.
+  survey = _fake_predictor(("semseg", "sal", "edge"), _checkerboard_logits).predict(image)
+  rows, cols = np.arange(20) * 8 // 20, np.arange(12) * 8 // 12
+  np.testing.assert_array_equal(survey["semseg"],
+                                logits["semseg"].argmax(-1)[rows[:, None], cols[None, :]])
+  levels = np.asarray(jax.image.resize(255 * jax.nn.sigmoid(logits["sal"]), (20, 12, 1),
+                                       "linear", antialias=False))[..., 0]
+  np.testing.assert_allclose(survey["sal"], np.floor(levels) / 255, atol=1e-6)
+  # "logits": resize the logits, then decode.
+  predictor = _fake_predictor(("semseg", "sal", "edge"), _checkerboard_logits, eval_resize="logits")
+  out, resized = predictor.predict(image), predictor.predict_logits(image)
+  np.testing.assert_array_equal(out["semseg"], resized["semseg"].argmax(-1))
+  np.testing.assert_allclose(out["sal"], jax.nn.sigmoid(resized["sal"][..., 0]), rtol=1e-6)
+  assert np.mean(out["semseg"] != survey["semseg"]) > 0.1
+  # Edge logits are resized linearly in either order.
+  np.testing.assert_allclose(out["edge"], survey["edge"], rtol=1e-6)
+
+
+def test_network_input_is_the_eval_pipelines(predictor):
+  from data_pipelines import transforms
+
+  # Three times the input size, full of detail that an unfiltered shrink would alias.
+  rows, cols = np.indices((3 * SIZE[0], 3 * SIZE[1] + 10))
+  big = np.stack([(rows * 37 + cols * 11) % 256, (rows * cols) % 256, (cols * 53) % 256],
+                 -1).astype(np.uint8)
+  expected = transforms.EvalTransform((), SIZE, SIZE).map({"image": big, "image_id": b"x"})["image"]
+  got = predictor.network_input(big)
+  assert got.shape == (1, *SIZE, 3) and got.dtype == np.float32
+  np.testing.assert_allclose(got[0], expected, atol=1e-5)
+  np.testing.assert_array_equal(predictor.network_input(big / 255.0), got)
+  # predict feeds exactly that input to the network: a network that passes its input through.
+  echo = _fake_predictor(("depth",), lambda x: {"depth": x[..., :1]}, dataset="nyud", size=SIZE)
+  np.testing.assert_allclose(
+      echo.predict(big)["depth"],
+      jax.image.resize(expected[..., 0], big.shape[:2], "linear", antialias=False), atol=1e-5)
+
+
+@pytest.mark.parametrize("image", [np.zeros((0, 5, 3), np.uint8), np.zeros((5, 0, 3), np.float32)])
+def test_empty_images_are_refused(predictor, image):
+  with pytest.raises(ValueError, match="empty"):
+    predictor.predict(image)
+  with pytest.raises(ValueError, match="empty"):
+    predictor.attention(image, source="depth", target="semseg", pixel=(0, 0))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_images_are_refused(predictor, bad):
+  image = np.full((8, 8, 3), 0.5, np.float32)
+  image[3, 4, 1] = bad
+  with pytest.raises(ValueError, match="NaN or infinite"):
+    predictor.predict(image)
