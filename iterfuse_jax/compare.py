@@ -198,8 +198,14 @@ def load_run(workdir: str | pathlib.Path, checkpoint: str = "best") -> Run:
   if not workdir.is_dir():
     raise CompareError(f"workdir {workdir} does not exist")
   config_dict = _read_json(workdir / CONFIG_FILE, "config")
-  hint = ("; a run trained before best and last were both recorded has only metrics.json: "
-          "use --checkpoint last" if checkpoint == "best" else "")
+  if not (workdir / evaluations.METRICS_FILES["last"]).exists():
+    hint = ("; the run has not evaluated yet (still training, or stopped before its first "
+            "evaluation): its launch.py command finishes it")
+  elif checkpoint == "best":
+    hint = ("; a run trained before best and last were both recorded has only metrics.json: "
+            "use --checkpoint last")
+  else:
+    hint = ""
   results = _read_json(workdir / metrics_file, f"metrics of the {checkpoint} evaluation", hint)
   if (checkpoint == "best" and config_dict.get("model", {}).get("name") == "stl"
       and (workdir / evaluations.EVALUATIONS_FILE).exists()):

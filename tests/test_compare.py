@@ -131,6 +131,11 @@ def test_the_table_uses_the_best_or_the_last_evaluation_as_asked(tmp_path, capsy
   assert compare.main([str(workdir), "--no-cost", "--out", str(out)]) == 1
   err = capsys.readouterr().err
   assert "metrics_best.json not found" in err and "use --checkpoint last" in err
+  (workdir / "metrics.json").unlink()  # a run killed before its first evaluation
+  for checkpoint in ("best", "last"):
+    assert compare.main([str(workdir), "--no-cost", "--checkpoint", checkpoint]) == 1
+    err = capsys.readouterr().err
+    assert "has not evaluated yet" in err and "--checkpoint last" not in err, err
 
 
 def _tiny_iterfuse(n_iter):
