@@ -7,7 +7,9 @@
 
 Any config field can be overridden with `--config.<key>=<value>`; unknown keys are errors.
 A killed run started again with the same command resumes from its last checkpoint; on a finished
-workdir the command prints the final metrics. Library logs go to <workdir>/log.txt (`-v 0` shows
+workdir the command prints the final metrics. SIGTERM (a scheduler's time limit or preemption) or
+Ctrl-C stops training after the current step with a checkpoint of it (exit status 143 or 130);
+a second one stops at once. Library logs go to <workdir>/log.txt (`-v 0` shows
 them on the console too). Compiled steps are kept in <workdir>/compilation_cache, so the command
 run again loads them instead of compiling (--compilation_cache_dir moves or turns it off).
 
@@ -22,6 +24,7 @@ The workdir (and data folder) must be on a filesystem every process sees.
 
 import errno
 import os
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -124,7 +127,7 @@ def main(argv):
                jax.process_count(), jax.local_devices(), log_path)
 
   # pylint: disable=g-import-not-at-top
-  from iterfuse_jax import checkpoints, compilation_cache, train
+  from iterfuse_jax import checkpoints, compilation_cache, stopping, train
   # pylint: enable=g-import-not-at-top
 
   cache = compilation_cache.cache_dir(workdir, _COMPILATION_CACHE.value)
@@ -138,6 +141,18 @@ def main(argv):
           train.evaluate_checkpoint(FLAGS.config, workdir, which=_CHECKPOINT.value)
       finally:
         logging.info("%s", cache_use.summary(cache))
+  except stopping.TrainingStopped as e:
+    # SIGTERM (a scheduler's time limit or preemption) or Ctrl-C, after a step with its
+    # checkpoint: 128 + the signal, the shells' and schedulers' status of a job ended by it.
+    logging.info("Stopped: %s", e)
+    print(f"Training {e}.", file=sys.stderr)
+    sys.exit(128 + e.signal_number)
+  except KeyboardInterrupt:
+    # Ctrl-C outside the training loop (preparing data, evaluating) or twice: what is saved
+    # stays, and nothing half-written is used (interrupted saves and preparations are redone).
+    logging.info("Interrupted:", exc_info=True)
+    print("Interrupted; the same command starts again from what is saved.", file=sys.stderr)
+    sys.exit(128 + signal.SIGINT)
   except (FileNotFoundError, train.NonFiniteLossError, train.WorkdirError,
           checkpoints.CheckpointError) as e:
     # What the user must act on (missing data or checkpoint, a diverged run, damaged

@@ -17,6 +17,7 @@ canvas padded with ignore (depth and normals 0).
 
 import math
 import os
+import signal
 from collections.abc import Iterator
 
 from absl import flags
@@ -116,7 +117,16 @@ def _with_workers(ds: grain.IterDataset, cfg: ml_collections.ConfigDict) -> grai
     # parsed them, so take the defaults.
     flags.FLAGS.mark_as_parsed()
   return ds.mp_prefetch(grain.MultiprocessingOptions(
-      num_workers=workers, per_worker_buffer_size=int(cfg.get("worker_buffer_size", 2))))
+      num_workers=workers, per_worker_buffer_size=int(cfg.get("worker_buffer_size", 2))),
+      worker_init_fn=_ignore_ctrl_c)
+
+
+def _ignore_ctrl_c(worker_index: int, worker_count: int) -> None:
+  """In a worker process: Ctrl-C in a terminal reaches every process of the job, and the training
+  loop stops after a step with a checkpoint (iterfuse_jax/stopping.py); workers that died of it
+  printed a KeyboardInterrupt traceback each. The loop's end stops them."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _augment_seed(seed: int) -> int:

@@ -103,6 +103,12 @@ class RunCheckpoints:
       args["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
     self.latest.save(step, args=ocp.args.Composite(**args), force=True)
 
+  def reached_preemption(self, step: int) -> bool:
+    """Whether the processes of a multi-process run agree to save `step` and stop (JAX's
+    preemption service, after a SIGTERM to any of them; see `iterfuse_jax.stopping`). Every
+    process must ask after every step."""
+    return self.latest.reached_preemption(step)
+
   def save_best(self, step: int, state: PyTree, delta_m: float) -> None:
     """Keeps `state` as the best one (the caller decides it beats the best so far).
 

@@ -37,8 +37,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 # run starts and only if it is installed.
 from data_pipelines import io_utils  # numpy and PIL only
 from iterfuse_jax import (boundary_eval, console, determinism, eval_resizing, evaluations,
-                          inference, losses, metrics, out_of_memory, run_identity, summaries,
-                          visualization)
+                          inference, losses, metrics, out_of_memory, run_identity, stopping,
+                          summaries, visualization)
 from iterfuse_jax import tasks as task_registry
 from iterfuse_jax.models import build, build_model, initialization
 
@@ -552,6 +552,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   is finished it only reports them. In a multi-host run, process 0 writes the data, the prepared
   dataset, the config, metrics, pictures and TensorBoard files; every process trains.
 
+  SIGTERM or Ctrl-C (SIGINT) while it trains lets the step under way (and its evaluation) finish,
+  saves its checkpoint and raises `stopping.TrainingStopped`; the same call resumes from it. In a
+  multi-process run every process stops after the same step.
+
   Returns the metrics of the evaluation after the final step (with "delta_m").
   """
   # pylint: disable=g-import-not-at-top
@@ -631,17 +635,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer = summaries.create_writer(str(workdir), just_logging=not main, use_tensorflow=use_clu)
   if start_step == 0:
     writer.write_hparams(_flat_hparams(config))
-  devices = f"{mesh.size} {mesh.devices.flat[0].platform.upper()} device(s)"
-  if jax.process_count() > 1:
-    devices += f" in {jax.process_count()} processes"
-  console.line(f"Training {title}: {total_steps} steps of batch {config.batch_size} "
-               f"({epoch_steps} per epoch) on {devices}, in {workdir}"
-               + (f"; resuming from step {start_step}" if start_step else ""))
-  console.line(f"Model: {_write_parameter_table(state.params, workdir)}")
-  logging.info("Training %s for %d steps (%d per epoch) on %s, from step %d; evaluations at "
-               "steps %s", title, total_steps, epoch_steps, devices, start_step,
-               sorted(eval_steps))
-
   state_sharding = jax.tree.map(lambda _: replicated, state)
   options = determinism.compiler_options(config)
   jitted_train = jax.jit(
@@ -691,7 +684,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  + (" (best so far)" if best and len(record) > 1 else ""))
     logging.info("Eval at step %d: %s", step, results)
 
+  # From the first line the user sees on, SIGTERM and Ctrl-C stop after a step with its
+  # checkpoint (iterfuse_jax/stopping.py).
+  stop = stopping.StopSignals()
+  stop.install()
   try:
+    devices = f"{mesh.size} {mesh.devices.flat[0].platform.upper()} device(s)"
+    if jax.process_count() > 1:
+      devices += f" in {jax.process_count()} processes"
+    console.line(f"Training {title}: {total_steps} steps of batch {config.batch_size} "
+                 f"({epoch_steps} per epoch) on {devices}, in {workdir}"
+                 + (f"; resuming from step {start_step}" if start_step else ""))
+    console.line(f"Model: {_write_parameter_table(state.params, workdir)}")
+    logging.info("Training %s for %d steps (%d per epoch) on %s, from step %d; evaluations at "
+                 "steps %s", title, total_steps, epoch_steps, devices, start_step,
+                 sorted(eval_steps))
+
     if start_step in eval_steps:  # killed between the save and the evaluation of this step
       run_eval(start_step)
     train_metrics = []
@@ -747,6 +755,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           run_eval(step)
           excluded_s += time.perf_counter() - eval_start
         writer.flush()
+        if stop.should_stop(step, checkpoints.reached_preemption):
+          if last_saved != step:
+            _check_finite(state, last_saved, workdir)
+            checkpoints.save(step, state, train_iter)
+          logging.info("Stopped after step %d on a signal; its checkpoint is being saved", step)
+          raise stop.stopped(step, workdir / "checkpoints")
     for hook in hooks:
       if isinstance(hook, summaries.ProfileSteps):
         hook.close()  # a trace the run's end cut short
@@ -771,6 +785,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         record.write()
     writer.flush()
   finally:
+    stop.uninstall()
     checkpoints.close()  # waits for a save still being written (a stopped run keeps it)
   return _finish(record, total_steps, title, workdir)
 
