@@ -85,13 +85,36 @@ def _config_error_text(error: BaseException) -> str:
   return " ".join(str(text).split())
 
 
+_CONFIG_FILE_ERROR = "Error whilst parsing config file:"
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with the config file's own errors (a misspelt key, a config file or row
   that does not exist, a value of the wrong type) as one line instead of a traceback."""
   try:
-    return app.parse_flags_with_usage(argv)
+    argv = FLAGS(argv)
+  except flags.Error as e:
+    text = str(e)
+    if _CONFIG_FILE_ERROR in text:
+      # get_config raised (a row that does not exist): ml_collections put the traceback into the
+      # message; its last line is the exception.
+      lines = [line.strip() for line in text.splitlines() if line.strip()]
+      exception = lines[-1].split(": ", 1)
+      sys.exit(f"error: --config: {exception[-1]}")
+    # absl's own report (app.parse_flags_with_usage), e.g. a missing --workdir.
+    sys.stderr.write(f"FATAL Flags parsing error: {e}\n"
+                     "Pass --helpshort or --helpfull to see help on flags.\n")
+    sys.exit(1)
   except (AttributeError, KeyError, ValueError, TypeError, OSError, ImportError) as e:
     sys.exit(f"error: --config: {_config_error_text(e)}")
+  try:
+    FLAGS.config.get("model")  # ml_collections defers a file it cannot load to the first use
+  except OSError as e:
+    path = config_flags.get_config_filename(FLAGS["config"])
+    if not os.path.isfile(path):
+      sys.exit(f"error: --config: no config file {path} (from {os.getcwd()})")
+    sys.exit(f"error: --config: {_config_error_text(e.__cause__ or e)}")
+  return argv
 
 
 def _initialize_distributed() -> None:

@@ -594,6 +594,22 @@ def test_launch_with_a_misspelt_key_or_a_refused_value_exits_with_the_message(tm
   _assert_quiet_error(result, "unknown IFB variant 'D'", str(tmp_path / "log.txt"))
 
 
+@pytest.mark.parametrize("config, message", [
+    ("configs/nyud_ifbc.py",
+     f"error: --config: no config file configs/nyud_ifbc.py (from {REPO_ROOT})"),
+    ("configs/demo.py:huge",
+     "error: --config: configs/demo.py: unknown variant 'huge'; expected '' or 'tiny'"),
+])
+def test_launch_with_a_config_file_or_row_that_does_not_exist_says_so_in_one_line(
+    config, message, tmp_path):
+  """Before: a misspelt file gave a 30-line traceback after creating the workdir, an unknown row
+  absl's FATAL report with the config's traceback inside."""
+  result = launch(f"--config={config}", f"--workdir={tmp_path / 'work'}")
+  assert result.returncode == 1
+  assert result.stderr.strip() == message, result.stderr
+  assert not (tmp_path / "work").exists()
+
+
 def test_launch_with_an_unwritable_workdir_names_it(tmp_path, data_dir):
   blocker = tmp_path / "a_file"
   blocker.write_text("")
