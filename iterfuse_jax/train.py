@@ -787,6 +787,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   finally:
     stop.uninstall()
     checkpoints.close()  # waits for a save still being written (a stopped run keeps it)
+    train_iter.close()  # stops its worker processes now, not when it is collected
   return _finish(record, total_steps, title, workdir)
 
 
