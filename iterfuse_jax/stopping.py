@@ -35,12 +35,13 @@ class TrainingStopped(Exception):
 
   def __init__(self, step: int, signal_number: int, checkpoint_dir: str | epath.Path,
                received: bool = True):
-    """`received`: this process got the signal (else another process of the run did)."""
+    """`received`: this process's own handler got the signal (else JAX's preemption service
+    got it, in this or another process of the run)."""
     self.step = step
     self.signal_number = signal_number
     self.checkpoint_dir = epath.Path(checkpoint_dir)
     name = signal.Signals(signal_number).name
-    cause = name if received else f"{name} to another process of the run"
+    cause = name if received else f"{name} to a process of the run"
     super().__init__(f"stopped after step {step} on {cause}; its checkpoint is "
                      f"{self.checkpoint_dir / str(step)}, and the same command resumes from it")
 
@@ -105,8 +106,8 @@ class StopSignals:
     return self.received is not None
 
   def stopped(self, step: int, checkpoint_dir: str | epath.Path) -> TrainingStopped:
-    """The exception that ends the run after `step`: this process's signal, else SIGTERM (the
-    preemption service's notice from another process)."""
+    """The exception that ends the run after `step`: this process's Ctrl-C or SIGTERM, else
+    SIGTERM (the preemption service's notice, from this or another process)."""
     if self.received is None:
       return TrainingStopped(step, signal.SIGTERM, checkpoint_dir, received=False)
     return TrainingStopped(step, self.received, checkpoint_dir)
