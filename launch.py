@@ -102,10 +102,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
       lines = [line.strip() for line in text.splitlines() if line.strip()]
       exception = lines[-1].split(": ", 1)
       sys.exit(f"error: --config: {exception[-1]}")
-    # absl's own report (app.parse_flags_with_usage), e.g. a missing --workdir.
-    sys.stderr.write(f"FATAL Flags parsing error: {e}\n"
-                     "Pass --helpshort or --helpfull to see help on flags.\n")
-    sys.exit(1)
+    # Any other flag error (a missing --workdir): absl's own report, which parses the same
+    # command line again, prints it and exits.
+    app.parse_flags_with_usage(argv)
+    raise  # not reached: the same arguments fail the same way
   except (AttributeError, KeyError, ValueError, TypeError, OSError, ImportError) as e:
     sys.exit(f"error: --config: {_config_error_text(e)}")
   try:

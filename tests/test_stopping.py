@@ -1,8 +1,8 @@
 """SIGTERM and Ctrl-C stop training after a step with its checkpoint (iterfuse_jax/stopping.py):
 the handlers with real signals to this process, then `launch.py` as users run it, stopped by a
 scheduler's SIGTERM, a terminal's Ctrl-C (to the whole process group, data workers included) and
-a SIGTERM to one process of a two-process run; each time the same command finishes the run of
-the uninterrupted reference."""
+a SIGTERM to one process of a two-process run. After the first two, the same command finishes
+the run of the uninterrupted reference; the two processes stop after the same step."""
 
 import os
 import signal
@@ -166,12 +166,9 @@ def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step(tmp_path
              f"--workdir={workdir}", f"--coordinator_address=localhost:{_free_port()}",
              "--num_processes=2"]
 
-  def start():
-    return [subprocess.Popen([*command, f"--process_id={i}"], cwd=REPO_ROOT, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for i in range(2)]
-
-  processes = start()
+  processes = [subprocess.Popen([*command, f"--process_id={i}"], cwd=REPO_ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for i in range(2)]
   try:
     _wait_for_training(processes[0])
     processes[1].send_signal(signal.SIGTERM)
