@@ -114,6 +114,11 @@ def _read_png(path: str, what: str, modes: tuple[str, ...], expected: str,
   try:
     with Image.open(path) as image:
       image.load()
+      if image.format != "PNG":
+        # A JPEG's compression blends neighbouring label values into other valid ones (class 6
+        # between classes 5 and 7), so the range check alone would not catch it.
+        raise DataError(f"{what} label {path} is a {image.format} file; expected a PNG as "
+                        "published (a lossy format changes label values)")
       if convert is not None and image.mode != convert:
         if image.mode not in _CONVERTIBLE_MODES:
           raise DataError(f"{what} label {path} has PIL mode {image.mode!r}; expected an 8-bit "

@@ -363,6 +363,27 @@ def test_label_of_the_wrong_kind(nyud_copy):
     nyud.read_example(nyud_copy, "000000", ("semseg",))
 
 
+@pytest.mark.parametrize("task", ["semseg", "sal"])
+def test_label_saved_as_jpeg_under_a_png_name(nyud_copy, pascal_copy, task):
+  if task == "semseg":
+    path, read = (os.path.join(nyud_copy, "segmentation", "000000.png"),
+                  lambda: nyud.read_example(nyud_copy, "000000", ("semseg",)))
+  else:
+    path = os.path.join(pascal_copy, "sal_distill", "2008_000000.png")
+    read = lambda: pascal_context.read_example(pascal_copy, "2008_000000", ("sal",))  # noqa: E731
+  height, width = np.asarray(Image.open(path)).shape[:2]
+  rows, cols = np.mgrid[:height, :width]
+  low, high = (5, 7) if task == "semseg" else (0, 255)
+  label = np.where(rows * width > cols * height, low, high).astype(np.uint8)  # a diagonal edge
+  Image.fromarray(label).save(path, format="JPEG", quality=75)
+  stored = np.asarray(Image.open(path))
+  # The compression made new values the range check allows (semseg: 6 is a class as well).
+  assert len(np.unique(stored)) > 2 and stored.max() <= (40 if task == "semseg" else 255)
+  with pytest.raises(io_utils.DataError, match=rf"{task} label .*\.png is a JPEG file; expected "
+                     r"a PNG as published"):
+    read()
+
+
 def test_duplicate_ids_in_a_split(nyud_copy):
   with open(os.path.join(nyud_copy, "gt_sets", "train.txt"), "a") as f:
     f.write("000000\n")
