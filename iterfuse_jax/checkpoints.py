@@ -78,15 +78,24 @@ class RunCheckpoints:
       for folder in ("checkpoints", "best"):
         remove_incomplete(self.workdir / folder)
       _sync("checkpoints: incomplete saves removed")
+    # Each manager's background commit ends at barriers whose keys would be the same in both
+    # managers: with several processes, a best save started while the latest save's commit was
+    # at such a barrier failed in one process ("Barrier ... is already ongoing") and left the
+    # others waiting until JAX's coordination service aborted the run. Prefixes keep them apart.
     self.latest = ocp.CheckpointManager(
         self.workdir / "checkpoints",
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix="checkpoints")),
         item_names=("state", "data_iter"))
     self.best = ocp.CheckpointManager(
         self.workdir / "best",
         options=ocp.CheckpointManagerOptions(
             max_to_keep=1, create=True, best_fn=lambda metrics: metrics["delta_m"],
-            best_mode="max"),
+            best_mode="max",
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix="best")),
         item_names=("state",))
 
   def save(self, step: int, state: PyTree, data_iter: Any) -> None:
