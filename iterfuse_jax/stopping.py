@@ -10,8 +10,9 @@ process of a `jax.distributed` job, and the run went on until it was killed.
 
 One process: handlers of SIGTERM and SIGINT note the signal, and the loop asks after every step.
 Several processes: they must stop after the same step, which JAX's preemption service agrees on
-(orbax's `reached_preemption`, asked after every step in every process); SIGTERM is the service's
-own notice, and Ctrl-C is handed to it as a SIGTERM of the process. A second signal acts at once
+(orbax's `reached_preemption`, asked after every step in every process; after the first step of
+a run they also check together for a notice that came before it); SIGTERM is the service's own
+notice, and Ctrl-C is handed to it as a SIGTERM of the process. A second signal acts at once
 (Ctrl-C: KeyboardInterrupt; SIGTERM of one process: its default action, termination).
 """
 
@@ -25,7 +26,10 @@ import threading
 from typing import Callable
 
 import jax
+import numpy as np
 from etils import epath
+from jax._src import distributed as jax_distributed  # the client of the coordination service
+from jax.experimental import multihost_utils
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -60,6 +64,7 @@ class StopSignals:
     self.coordinated = coordinated
     self.received: int | None = None  # the first signal of this process
     self._previous: dict[int, Callable | int | None] = {}
+    self._asked = False  # whether `should_stop` was called in this run
 
   def install(self) -> None:
     """Installs the handlers (in the main thread; elsewhere signals keep their handlers)."""
@@ -102,7 +107,15 @@ class StopSignals:
   def should_stop(self, step: int, reached_preemption: Callable[[int], bool]) -> bool:
     """Whether to save `step` and stop; call it after every step, in every process."""
     if self.coordinated:
-      return reached_preemption(step)
+      agreed = reached_preemption(step)
+      if not self._asked:
+        self._asked = True
+        # The service agrees on the step after the highest one its processes have reported; a
+        # notice before the first report (start-up, restore, compilation) makes that step 1,
+        # which a resumed run never reaches: it trained on until killed. So after the first
+        # report, every process says whether a notice came, and all stop if one did.
+        return agreed or _any_process(_preemption_notice_received())
+      return agreed
     return self.received is not None
 
   def stopped(self, step: int, checkpoint_dir: str | epath.Path) -> TrainingStopped:
@@ -111,6 +124,29 @@ class StopSignals:
     if self.received is None:
       return TrainingStopped(step, signal.SIGTERM, checkpoint_dir, received=False)
     return TrainingStopped(step, self.received, checkpoint_dir)
+
+
+# The coordination service's key of a preemption notice (XLA's preemption_sync_manager.cc).
+PREEMPTION_NOTICE_KEY = "RECEIVED_PREEMPTION_NOTICE"
+
+
+def _preemption_notice_received() -> bool:
+  """Whether JAX's preemption service has a notice (a SIGTERM to any process of the run)."""
+  client = jax_distributed.global_state.client
+  if client is None:
+    return False
+  try:
+    client.key_value_try_get(PREEMPTION_NOTICE_KEY)
+  except jax.errors.JaxRuntimeError as e:
+    if "NOT_FOUND" in str(e):
+      return False
+    raise
+  return True
+
+
+def _any_process(flag: bool) -> bool:
+  """`flag` or-ed over the processes (a collective: every process must call it)."""
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
 
 def _notice(text: str) -> None:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 
@@ -157,44 +158,61 @@ def test_launch_stopped_by_a_signal_saves_its_step_and_the_same_command_finishes
 @pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step_then_they_resume(
     finished_run, tmp_path):  # noqa: F811
-  """Before, JAX's preemption service caught the SIGTERM and nobody asked it: both processes
-  trained on until killed. The resume aborted both processes (SIGABRT) at times under load: the
-  best save had met the latest save's commit at an orbax barrier of the same key (see
-  tests/test_checkpoints.py)."""
+  """SIGTERM to process 1 while training, then again while the resumed run starts; then the
+  run finishes. Before, JAX's preemption service caught the SIGTERM and nobody asked it: both
+  processes trained on until killed; and once asked, a notice during the start-up of a resumed
+  run was still lost (the service settled on step 1). The resume aborted both processes
+  (SIGABRT) at times under load: the best save had met the latest save's commit at an orbax
+  barrier of the same key (see tests/test_checkpoints.py)."""
   config, reference, *_ = finished_run
   workdir = tmp_path / "two_processes"
   env = dict(os.environ, JAX_NUM_CPU_DEVICES="1")
-  command = [sys.executable, str(REPO_ROOT / "launch.py"), "--config=configs/demo.py:tiny",
-             f"--workdir={workdir}", f"--coordinator_address=localhost:{_free_port()}",
-             "--num_processes=2"]
 
-  processes = [subprocess.Popen([*command, f"--process_id={i}"], cwd=REPO_ROOT, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for i in range(2)]
-  try:
-    _wait_for_training(processes[0])
-    processes[1].send_signal(signal.SIGTERM)
-    outputs = [p.communicate(timeout=900) for p in processes]
-  finally:
-    for p in processes:
-      p.kill()
-  errs = [err for _, err in outputs]
-  print(*errs, sep="\n")
-  assert [p.returncode for p in processes] == [143, 143], errs
-  steps = [_stopped_step(err) for err in errs]
-  assert steps[0] == steps[1] and 1 <= steps[0] < STEPS
-  assert all("on SIGTERM to a process of the run;" in err for err in errs)
-  assert checkpoints.committed_steps(workdir / "checkpoints")[-1] == steps[0]
+  def start() -> list[subprocess.Popen]:
+    command = [sys.executable, str(REPO_ROOT / "launch.py"), "--config=configs/demo.py:tiny",
+               f"--workdir={workdir}", f"--coordinator_address=localhost:{_free_port()}",
+               "--num_processes=2"]
+    return [subprocess.Popen([*command, f"--process_id={i}"], cwd=REPO_ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(2)]
 
-  command[-2] = f"--coordinator_address=localhost:{_free_port()}"
-  processes = [subprocess.Popen([*command, f"--process_id={i}"], cwd=REPO_ROOT, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for i in range(2)]
-  try:
-    outputs = [p.communicate(timeout=900) for p in processes]
-  finally:
-    for p in processes:
-      p.kill()
+  def finish(processes: list[subprocess.Popen], signal_when=None) -> list[tuple[str, str]]:
+    try:
+      if signal_when is not None:
+        signal_when(processes)
+        processes[1].send_signal(signal.SIGTERM)
+      return [p.communicate(timeout=900) for p in processes]
+    finally:
+      for p in processes:
+        p.kill()
+
+  def stopped_step(processes, outputs) -> int:
+    errs = [err for _, err in outputs]
+    print(*errs, sep="\n")
+    assert [p.returncode for p in processes] == [143, 143], [err[-5000:] for err in errs]
+    steps = [_stopped_step(err) for err in errs]
+    assert steps[0] == steps[1], steps
+    assert all("on SIGTERM to a process of the run;" in err for err in errs)
+    assert checkpoints.committed_steps(workdir / "checkpoints")[-1] == steps[0]
+    return steps[0]
+
+  processes = start()
+  step = stopped_step(processes, finish(processes, lambda ps: _wait_for_training(ps[0])))
+  assert 1 <= step < STEPS - 1
+
+  def restored(processes):  # both are past jax.distributed's start, not yet past a step
+    log, text = workdir / "log.txt", f"Restored checkpoint of step {step} from"
+    while not (log.exists() and text in log.read_text()):
+      assert processes[0].poll() is None, processes[0].communicate()
+      time.sleep(0.05)
+
+  processes = start()
+  outputs = finish(processes, restored)
+  assert f"resuming from step {step}" in outputs[0][0]
+  assert stopped_step(processes, outputs) == step + 1
+
+  processes = start()
+  outputs = finish(processes)
   assert [p.returncode for p in processes] == [0, 0], [err[-5000:] for _, err in outputs]
-  assert f"resuming from step {steps[0]}" in outputs[0][0]
+  assert f"resuming from step {step + 1}" in outputs[0][0]
   assert_same_run(workdir, reference, config, metric_rtol=1e-6)
