@@ -42,6 +42,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import io
+import itertools
 import json
 import logging
 import multiprocessing
@@ -236,6 +237,24 @@ def evaluate_directory(directory: str | os.PathLike,
     `summarize`'s metrics plus "num_images" and "seconds_per_image" (wall time per image with
     this many workers).
   """
+  thresholds = tuple(float(t) for t in thresholds)
+  counts, seconds = score_images(directory, ground_truths, max_dist=max_dist,
+                                 thresholds=thresholds, num_workers=num_workers, total=total)
+  return _results(counts, seconds, thresholds)
+
+
+def _results(counts: np.ndarray, seconds: float, thresholds: Sequence[float]) -> dict[str, float]:
+  results = summarize(counts, thresholds)
+  results["num_images"] = float(len(counts))
+  results["seconds_per_image"] = seconds / len(counts)
+  return results
+
+
+def score_images(directory: str | os.PathLike, ground_truths: Iterable[tuple[str, np.ndarray]],
+                 *, max_dist: float, thresholds: Sequence[float] = SURVEY_THRESHOLDS,
+                 num_workers: int = -1, total: int | None = None) -> tuple[np.ndarray, float]:
+  """The per-image counts [N, 4, K] of `evaluate_directory` (in the order of `ground_truths`),
+  and the wall time in seconds they took."""
   from iterfuse_jax import console  # pylint: disable=g-import-not-at-top
 
   directory = pathlib.Path(directory)
@@ -260,11 +279,7 @@ def evaluate_directory(directory: str | os.PathLike,
           counts.append(result)
           bar.update(1)
   seconds = time.perf_counter() - start
-  results = summarize(np.stack(counts) if counts else np.zeros((0, 4, len(thresholds))),
-                      thresholds)
-  results["num_images"] = float(len(counts))
-  results["seconds_per_image"] = seconds / len(counts)
-  return results
+  return (np.stack(counts) if counts else np.zeros((0, 4, len(thresholds))), seconds)
 
 
 # ----------------------------------------------------------------------------- a run's split
@@ -305,11 +320,45 @@ def evaluate_saved(config, predictions_dir: str | os.PathLike) -> dict[str, floa
   total, pairs = ground_truths(config.dataset)
   logging.info("Boundary evaluation of %d images (max_dist %g of the diagonal, %d thresholds)",
                total, max_dist, len(SURVEY_THRESHOLDS))
-  results = evaluate_directory(predictions_dir, pairs, max_dist=max_dist,
-                               num_workers=int(options.get("num_workers", -1)), total=total)
+  num_workers = int(options.get("num_workers", -1))
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if jax.process_count() == 1:
+    results = evaluate_directory(predictions_dir, pairs, max_dist=max_dist,
+                                 num_workers=num_workers, total=total)
+  else:
+    # Every process scores every process_count-th image, and all of them summarize the same
+    # gathered counts: the same results everywhere (their records must agree), in 1/P the time.
+    index, count = jax.process_index(), jax.process_count()
+    counts, seconds = score_images(
+        predictions_dir, itertools.islice(pairs, index, None, count), max_dist=max_dist,
+        num_workers=num_workers, total=len(range(index, total, count)))
+    counts, seconds = _gather_counts(counts, seconds, total)
+    results = _results(counts, seconds, SURVEY_THRESHOLDS)
   logging.info("Boundary evaluation: odsF %.2f, %.3f s per image", results["odsF"],
                results["seconds_per_image"])
   return {f"{TASK}/{name}": value for name, value in results.items()}
+
+
+def _gather_counts(counts: np.ndarray, seconds: float, total: int) -> tuple[np.ndarray, float]:
+  """The counts of every process's images (process p scored images p, p + P, ...), in split
+  order, and the longest wall time; a collective of all processes."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  processes = jax.process_count()
+  # Counts of matched and boundary pixels: integers well below 2**31, exact in int32 (the
+  # collective's widest integer type without jax_enable_x64).
+  if counts.size and counts.max() >= 2**31:
+    raise ValueError(f"boundary counts up to {counts.max()} do not fit int32")
+  padded = np.zeros((-(-total // processes), *counts.shape[1:]), np.int32)
+  padded[:len(counts)] = counts
+  gathered = np.asarray(multihost_utils.process_allgather(padded))  # [P, ceil(N / P), 4, K]
+  longest = float(np.max(multihost_utils.process_allgather(np.float32(seconds))))
+  ordered = np.empty((total, *counts.shape[1:]), np.float64)
+  for p in range(processes):
+    ordered[p::processes] = gathered[p, :len(range(p, total, processes))]
+  return ordered, longest
 
 
 def run(config, workdir: str | os.PathLike, eval_batches, predict: Callable[[np.ndarray],
@@ -325,7 +374,7 @@ def run(config, workdir: str | os.PathLike, eval_batches, predict: Callable[[np.
     predict: host images [B, h, w, 3] -> edge logits [B, h, w, 1].
 
   Returns:
-    {"edge/odsF": ..., ...} on the first host; {} on the others (they only write predictions).
+    {"edge/odsF": ..., ...}, the same in every process (each scores its share of the images).
   """
   if TASK not in tuple(config.dataset.tasks):
     return {}
@@ -336,8 +385,6 @@ def run(config, workdir: str | os.PathLike, eval_batches, predict: Callable[[np.
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("boundary_eval: predictions written")
-  if jax.process_index() > 0:
-    return {}
   return evaluate_saved(config, directory)
 
 

@@ -387,6 +387,17 @@ def shard_batch(batch: Batch, sharding: NamedSharding) -> dict[str, jax.Array]:
   }
 
 
+def host_rows(tree: Any) -> Any:
+  """This host's rows of arrays sharded over "data", as numpy: those of its `shard_batch` input,
+  in their order (the whole arrays in a single process)."""
+
+  def rows(array: jax.Array) -> np.ndarray:
+    shards = {shard.index[0].start or 0: shard for shard in array.addressable_shards}
+    return np.concatenate([np.asarray(shards[start].data) for start in sorted(shards)])
+
+  return jax.tree.map(rows, tree)
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -409,7 +420,7 @@ def summary_images(state: TrainState, jitted_predict: Callable, batch: Batch,
                    sharding: NamedSharding) -> dict[str, np.ndarray]:
   """Input, ground truth and prediction images ([N, H, W, 3] uint8) for the first examples."""
   images = shard_batch({"image": batch["image"]}, sharding)["image"]
-  predictions = jax.device_get(jitted_predict(state, images))
+  predictions = host_rows(jitted_predict(state, images))
   count = min(count, len(batch["image"]))
   h, w = batch["image"].shape[1:3]
   out = {"input": visualization.denormalize_image(np.asarray(batch["image"][:count]))}
@@ -457,7 +468,7 @@ def boundary_metrics(config: ml_collections.ConfigDict, workdir: epath.Path, sta
 
   def predict(images: np.ndarray) -> np.ndarray:
     sharded = shard_batch({"image": images}, sharding)["image"]
-    return jax.device_get(jitted_predict(state, sharded)[boundary_eval.TASK])
+    return host_rows(jitted_predict(state, sharded)[boundary_eval.TASK])
 
   return boundary_eval.run(config, workdir, create_eval_batches(config), predict)
 
@@ -649,7 +660,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   jitted_eval = jax.jit(functools.partial(eval_step, tasks=tasks, metrics_cls=metrics_cls,
                                           resize_order=config.eval_resize),
                         out_shardings=replicated, compiler_options=options)
-  jitted_predict = jax.jit(predict_step, out_shardings=replicated, compiler_options=options)
+  # Each host takes its own examples' predictions (`host_rows`): with several processes a
+  # replicated result gave every host the first host's rows.
+  jitted_predict = jax.jit(predict_step, out_shardings=data_sharding, compiler_options=options)
 
   hooks = []
   if main:
@@ -829,8 +842,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     with console.library_output():  # tensorflow-datasets prints while it prepares the copy
       eval_batches = create_eval_batches(config)
   results = evaluate(state, jitted_eval, eval_batches, data_sharding, len(eval_batches))
-  results.update(boundary_metrics(config, workdir, state,
-                                  jax.jit(predict_step, compiler_options=options), data_sharding))
+  jitted_predict = jax.jit(predict_step, out_shardings=data_sharding, compiler_options=options)
+  results.update(boundary_metrics(config, workdir, state, jitted_predict, data_sharding))
   results = add_delta_m(results, config, tasks)
   console.line(results_table(results, f"{which} checkpoint (step {step}) of {workdir}"))
   checkpoints.close()

@@ -171,3 +171,75 @@ def test_cli_scores_a_workdir_against_its_dataset(tmp_path):
   result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env,
                           check=False)
   assert result.returncode == 1 and f"{ids[1]}.png" in result.stderr
+
+
+# One process with 2 CPU devices, or process `argv[3]` of 2 with one each: the eval split's edge
+# predictions of a stand-in model (each pixel's channel mean: every image its own map) are saved
+# and scored as after training. Prints the results as JSON.
+_PREDICT_AND_SCORE = """
+import json, sys
+import jax, ml_collections, numpy as np
+config_json, workdir = sys.argv[1], sys.argv[2]
+if len(sys.argv) > 3:
+  jax.distributed.initialize(sys.argv[4], num_processes=2, process_id=int(sys.argv[3]))
+from jax.sharding import NamedSharding, PartitionSpec
+from iterfuse_jax import boundary_eval, train
+config = ml_collections.ConfigDict(json.loads(config_json))
+sharding = NamedSharding(train.create_mesh(), PartitionSpec("data"))
+edge_logits = jax.jit(lambda images: 8 * images.mean(-1, keepdims=True), out_shardings=sharding)
+
+def predict(images):
+  return train.host_rows(edge_logits(train.shard_batch({"image": images}, sharding)["image"]))
+
+results = boundary_eval.run(config, workdir, train.create_eval_batches(config), predict)
+print(json.dumps({k: v for k, v in results.items() if k != "edge/seconds_per_image"}))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_save_their_own_predictions_and_score_the_same_as_one(tmp_path):
+  """Each process saved the replicated predictions' first rows, process 0's, under its own image
+  ids, and only process 0 scored them (the others returned {}, and their evaluation records
+  then differed from process 0's)."""
+  from configs import demo_rows
+  from data_pipelines import pipeline, synthetic
+  from tests.test_train import _free_port
+
+  data_dir = tmp_path / "NYUD_MT"
+  synthetic.write_nyud(str(data_dir), num_train=1, num_val=6, seed=0, height=48, width=64)
+  config = demo_rows.get_config("nyud_full_ifbC")
+  config.unlock()
+  config.dataset.data_dir = str(data_dir)
+  config.dataset.eval_size = config.dataset.eval_label_size = (48, 64)
+  config.batch_size = 4  # 2 batches of 4 slots for 6 images: padding in the last one
+  config.boundary_eval.num_workers = 0
+  pipeline.load_source(config.dataset, config.dataset.eval_split)  # prepared once, here
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  script = [sys.executable, "-c", _PREDICT_AND_SCORE, config.to_json()]
+
+  one = subprocess.run([*script, str(tmp_path / "one")], cwd=REPO, capture_output=True,
+                       text=True, env={**env, "JAX_NUM_CPU_DEVICES": "2"}, timeout=600)
+  assert one.returncode == 0, one.stderr[-5000:]
+  coordinator = f"localhost:{_free_port()}"
+  processes = [subprocess.Popen([*script, str(tmp_path / "two"), str(i), coordinator], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**env, "JAX_NUM_CPU_DEVICES": "1"}) for i in range(2)]
+  try:
+    outputs = [p.communicate(timeout=600) for p in processes]
+  finally:
+    for p in processes:
+      p.kill()
+  for p, (_, err) in zip(processes, outputs):
+    assert p.returncode == 0, err[-5000:]
+
+  expected = json.loads(one.stdout.splitlines()[-1])
+  results = [json.loads(out.splitlines()[-1]) for out, _ in outputs]
+  assert results[0] == results[1]  # the same gathered counts in both processes
+  assert expected["edge/num_images"] == results[0]["edge/num_images"] == 6
+  # The same up to the matcher's randomness (module docstring).
+  for key in ("edge/odsF", "edge/oisF"):
+    assert results[0][key] == pytest.approx(expected[key], abs=0.5), key
+  saved = {run: {p.name: p.read_bytes()
+                 for p in (tmp_path / run / boundary_eval.PREDICTIONS_SUBDIR).glob("*.png")}
+           for run in ("one", "two")}
+  assert len(saved["one"]) == 6 and saved["two"] == saved["one"]
