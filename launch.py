@@ -27,6 +27,7 @@ import gc
 import os
 import signal
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -138,14 +139,41 @@ def main(argv):
   if _DISTRIBUTED.value or any(
       flag.value is not None for flag in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)):
     _initialize_distributed()
+  from iterfuse_jax import process_failure  # pylint: disable=g-import-not-at-top
+
+  with process_failure.FailureWatch() as watch:
+    try:
+      _run(watch)
+    except Exception:  # pylint: disable=broad-exception-caught
+      # An unexpected error: its traceback, and the other processes stop with its last line.
+      if watch.active:
+        watch.fail(traceback.format_exc().rstrip())
+      raise
+
+
+def _run(watch) -> None:
+  """Trains or evaluates; errors the user acts on end the process with one line (`_fail`)."""
   import jax  # pylint: disable=g-import-not-at-top
 
+  verbose = FLAGS["verbosity"].present
+
+  def _fail(text: str, status: int | None = None) -> None:
+    """Ends this process with `text` on stderr (and `status`, else 1); in a run of several
+    processes the others stop at once with it instead of waiting for this one."""
+    if watch.active:
+      watch.fail(text, 1 if status is None else status)
+    if status is not None:
+      print(text, file=sys.stderr)
+      sys.exit(status)
+    sys.exit(text)
+
   workdir = _WORKDIR.value
+  from iterfuse_jax import console  # pylint: disable=g-import-not-at-top
   try:
     os.makedirs(workdir, exist_ok=True)
     log_path = console.configure_logging(workdir, verbose, jax.process_index())
   except OSError as e:
-    sys.exit(f"error: cannot write to the workdir {workdir}: {e.strerror or e}")
+    _fail(f"error: cannot write to the workdir {workdir}: {e.strerror or e}")
   logging.info("Command line: %s", " ".join(sys.argv))
   logging.info("JAX process %d/%d, local devices: %s; logging to %s", jax.process_index(),
                jax.process_count(), jax.local_devices(), log_path)
@@ -180,26 +208,26 @@ def main(argv):
     # Ctrl-C outside the training loop (preparing data, evaluating) or twice: what is saved
     # stays, and nothing half-written is used (interrupted saves and preparations are redone).
     logging.info("Interrupted:", exc_info=True)
-    print("Interrupted; the same command starts again from what is saved.", file=sys.stderr)
-    sys.exit(128 + signal.SIGINT)
+    _fail("Interrupted; the same command starts again from what is saved.",
+          128 + signal.SIGINT)
   except (FileNotFoundError, train.NonFiniteLossError, train.WorkdirError,
           checkpoints.CheckpointError) as e:
     # What the user must act on (missing data or checkpoint, a diverged run, damaged
     # checkpoints): the message, not a traceback through the library.
     logging.info("Stopped:", exc_info=True)  # the traceback, in the log file
-    sys.exit(f"error: {e}")
+    _fail(f"error: {e}")
   except ValueError as e:
     # Mostly a config value the model, the data or the mesh refuses (they name the key); the
     # traceback stays in the log file for anything else.
     logging.info("Stopped:", exc_info=True)
-    sys.exit(f"error: {e} (traceback in {os.path.join(workdir, 'log.txt')})")
+    _fail(f"error: {e} (traceback in {os.path.join(workdir, 'log.txt')})")
   except Exception as e:  # pylint: disable=broad-exception-caught
     cause = _filesystem_error(e)
     if cause is None:
       raise
     logging.info("Stopped:", exc_info=True)  # the traceback, in the log file
     where = f": {cause.filename}" if cause.filename else f" (in the workdir {workdir})"
-    sys.exit(f"error: {cause.strerror or cause}{where}")
+    _fail(f"error: {cause.strerror or cause}{where}")
 
 
 if __name__ == "__main__":
