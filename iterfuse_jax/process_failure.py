@@ -67,7 +67,9 @@ class FailureWatch:
       text = (f"error: process {process} of {jax.process_count()} failed: {message}\n"
               f"(process {jax.process_index()} stops too)")
       logging.info("%s", text)
-      _flush_and_print(text)
+      # The process's own stderr: the main thread may have redirected sys.stderr (library
+      # output goes to the log file while the dataset is prepared).
+      _flush_and_print(text, sys.__stderr__ or sys.stderr)
       try:
         self._client.key_value_set(_SEEN_KEY + str(jax.process_index()), "1")
       except jax.errors.JaxRuntimeError:
@@ -100,6 +102,6 @@ class FailureWatch:
     os._exit(status)  # pylint: disable=protected-access
 
 
-def _flush_and_print(text: str) -> None:
+def _flush_and_print(text: str, stream=None) -> None:
   sys.stdout.flush()
-  print(text, file=sys.stderr, flush=True)
+  print(text, file=stream or sys.stderr, flush=True)

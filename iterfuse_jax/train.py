@@ -15,7 +15,9 @@ import functools
 import json
 import logging
 import os
+import socket
 import time
+import uuid
 import warnings
 from typing import Any, Callable, Iterator, Mapping
 
@@ -28,6 +30,7 @@ import optax
 from clu import parameter_overview  # TensorFlow-free, unlike clu's metric writers
 from etils import epath
 from flax.training import train_state
+from jax._src import distributed as jax_distributed  # the client of the coordination service
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -333,6 +336,45 @@ def check_workdir(workdir: epath.Path) -> None:
     raise WorkdirError(f"cannot write to the workdir {workdir}: {e.strerror or e}") from e
 
 
+SHARED_WORKDIR_KEY = "iterfuse_jax/workdir_mark"
+SHARED_WORKDIR_MARK = ".process0"
+
+
+def check_shared_workdir(workdir: epath.Path) -> None:
+  """In a run of several processes, checks that every process sees the workdir process 0 writes
+  (call it in every process, after process 0's `check_workdir`).
+
+  Otherwise each host would read its own checkpoints (none, or other ones) and the processes
+  would start from different states: their collectives pair up wrongly, or wait forever.
+
+  Raises:
+    WorkdirError: this process does not see process 0's file in its workdir.
+  """
+  if jax.process_count() == 1:
+    return
+  client = jax_distributed.global_state.client
+  mark = workdir / SHARED_WORKDIR_MARK
+  if jax.process_index() == 0:
+    text = f"{uuid.uuid4().hex} {socket.gethostname()}:{os.path.abspath(mark)}"
+    try:
+      mark.write_text(text)
+    except OSError as e:
+      raise WorkdirError(f"cannot write to the workdir {workdir}: {e.strerror or e}") from e
+    client.key_value_set(SHARED_WORKDIR_KEY, text)
+    return
+  expected = client.blocking_key_value_get(SHARED_WORKDIR_KEY, 600_000)
+  try:
+    seen = mark.read_text()
+  except OSError:
+    seen = None
+  if seen != expected:
+    raise WorkdirError(
+        f"process {jax.process_index()} (on {socket.gethostname()}) does not see in its workdir "
+        f"{os.path.abspath(workdir)} the file {SHARED_WORKDIR_MARK} that process 0 wrote at "
+        f"{expected.split(' ', 1)[1]}: give every process the same workdir, on a filesystem "
+        "every host sees (a relative path is taken from each process's current directory)")
+
+
 def check_continues_run(config: ml_collections.ConfigDict, workdir: epath.Path,
                         has_checkpoints: bool) -> None:
   """Refuses a config that is another experiment than the run whose checkpoints the workdir
@@ -578,6 +620,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy; data_dir may be filled
   if main:
     check_workdir(workdir)
+  check_shared_workdir(workdir)
   tasks = tuple(config.dataset.tasks)
   resolve_atrc_genotype(config)
   check_continues_run(config, workdir, bool(committed_steps(workdir / "checkpoints")

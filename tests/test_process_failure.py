@@ -49,3 +49,39 @@ def test_a_data_error_in_process_0_stops_process_1_at_once_with_its_message(tmp_
   for err in errs:
     assert "SIGABRT" not in err and "Terminating process" not in err and "Traceback" not in err
   assert seconds < 240  # 4 s here: both end right after the error
+
+
+@pytest.mark.slow
+def test_processes_that_do_not_share_the_workdir_stop_before_training(tmp_path):
+  """`--workdir=run` from two current directories (as on hosts whose /tmp is their own): each
+  process would have read and written its own checkpoints; now process 1 says so and both stop."""
+  from data_pipelines import synthetic
+  syn = TINY.synthetic_data
+  data_dir = tmp_path / "NYUD_MT"
+  synthetic.write_nyud(str(data_dir), num_train=syn.num_train, num_val=syn.num_val, seed=syn.seed,
+                       height=syn.height, width=syn.width)
+  flags = [flag.replace("configs/", f"{REPO_ROOT}/configs/", 1)
+           for flag in tiny_flags(str(data_dir), "run")]
+  command = [sys.executable, str(REPO_ROOT / "launch.py"), *flags,
+             f"--coordinator_address=localhost:{_free_port()}", "--num_processes=2"]
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES="1")
+  homes = [tmp_path / "host0", tmp_path / "host1"]
+  for home in homes:
+    home.mkdir()
+  processes = [subprocess.Popen([*command, f"--process_id={i}"], cwd=homes[i], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for i in range(2)]
+  try:
+    outputs = [p.communicate(timeout=600) for p in processes]
+  finally:
+    for p in processes:
+      p.kill()
+  errs = [err for _, err in outputs]
+  print(*errs, sep="\n")
+  assert [p.returncode for p in processes] == [1, 1], errs
+  reason = (f"does not see in its workdir {homes[1] / 'run'} the file .process0 that process 0 "
+            f"wrote at ")
+  assert reason in errs[1] and f"{homes[0] / 'run' / '.process0'}: give every process the same " \
+                               "workdir" in errs[1]
+  assert "error: process 1 of 2 failed: process 1 (on " in errs[0] and reason in errs[0]
+  assert not (homes[0] / "run" / "checkpoints").exists()
