@@ -21,10 +21,15 @@ import threading
 import jax
 from jax._src import distributed as jax_distributed  # the client of the coordination service
 
-FAILURE_KEY = "iterfuse_jax/failure"
+# A process's thread waits for its own key: another process that fails writes its message
+# there, and the process itself writes an empty value to end the thread when it exits normally
+# (a thread still inside the client's blocking read when the interpreter exits aborted the
+# process: "terminate called after throwing an instance of ''", 1 exit in 3).
+_NOTICE_KEY = "iterfuse_jax/failure_notice/"
 _SEEN_KEY = "iterfuse_jax/failure_seen/"
 _WAIT_MS = 3_600_000  # one blocking read of the key; the thread reads again after each
 _SEEN_TIMEOUT_MS = 20_000  # how long a failing process waits for the others to read its message
+_JOIN_TIMEOUT_S = 10.0
 
 
 class FailureWatch:
@@ -32,7 +37,6 @@ class FailureWatch:
 
   def __init__(self):
     self._client = jax_distributed.global_state.client if jax.process_count() > 1 else None
-    self._closing = threading.Event()
     self._thread: threading.Thread | None = None
 
   @property
@@ -48,22 +52,27 @@ class FailureWatch:
     return self
 
   def __exit__(self, *exc) -> None:
-    # Before JAX's shutdown (at exit) cancels the thread's read: that is not a failure.
-    self._closing.set()
+    """Ends the thread (before JAX's shutdown at exit)."""
+    if self._thread is None:
+      return
+    try:
+      self._client.key_value_set(_NOTICE_KEY + str(jax.process_index()), "")
+    except jax.errors.JaxRuntimeError:
+      pass  # a failure notice is there already: the thread is acting on it
+    self._thread.join(_JOIN_TIMEOUT_S)
 
   def _watch(self) -> None:
-    while not self._closing.is_set():
+    key = _NOTICE_KEY + str(jax.process_index())
+    while True:
       try:
-        value = self._client.blocking_key_value_get(FAILURE_KEY, _WAIT_MS)
+        value = self._client.blocking_key_value_get(key, _WAIT_MS)
       except jax.errors.JaxRuntimeError as e:
-        if "DEADLINE_EXCEEDED" in str(e) and not self._closing.is_set():
+        if "DEADLINE_EXCEEDED" in str(e):
           continue
-        return  # the client is shutting down (or gone, which JAX reports itself)
-      if self._closing.is_set():
-        return
+        return  # the client is gone (JAX reports why)
+      if not value:
+        return  # this process is exiting
       process, _, message = value.partition("\n")
-      if int(process) == jax.process_index():
-        return
       text = (f"error: process {process} of {jax.process_count()} failed: {message}\n"
               f"(process {jax.process_index()} stops too)")
       logging.info("%s", text)
@@ -80,21 +89,25 @@ class FailureWatch:
     """Prints `text` (this process's error: a line, or a traceback), tells the other processes
     it failed with its last line, waits until they have read it, and ends this process with
     `status`."""
-    self._closing.set()
     _flush_and_print(text)
     message = text.strip().splitlines()[-1].removeprefix("error: ")
     if self._client is not None:
-      try:
-        self._client.key_value_set(FAILURE_KEY, f"{jax.process_index()}\n{message}")
-      except jax.errors.JaxRuntimeError:
-        pass  # another process failed first and told the others
-      else:
-        for process in range(jax.process_count()):
-          if process != jax.process_index():
-            try:
-              self._client.blocking_key_value_get(_SEEN_KEY + str(process), _SEEN_TIMEOUT_MS)
-            except jax.errors.JaxRuntimeError:
-              break  # gone already, or not reading: nothing more to wait for
+      me = jax.process_index()
+      # This process's own thread first: it must not act on another process's notice now.
+      told = []
+      for process in [me] + [p for p in range(jax.process_count()) if p != me]:
+        try:
+          self._client.key_value_set(_NOTICE_KEY + str(process), "" if process == me else
+                                     f"{me}\n{message}")
+          told.append(process)
+        except jax.errors.JaxRuntimeError:
+          pass  # it failed or exited already (or was told by another failing process)
+      for process in told:
+        if process != me:
+          try:
+            self._client.blocking_key_value_get(_SEEN_KEY + str(process), _SEEN_TIMEOUT_MS)
+          except jax.errors.JaxRuntimeError:
+            break  # gone already, or not reading: nothing more to wait for
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -85,3 +85,34 @@ def test_processes_that_do_not_share_the_workdir_stop_before_training(tmp_path):
                                "workdir" in errs[1]
   assert "error: process 1 of 2 failed: process 1 (on " in errs[0] and reason in errs[0]
   assert not (homes[0] / "run" / "checkpoints").exists()
+
+
+_ENTER_AND_LEAVE = """
+import sys, time
+import jax
+jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from iterfuse_jax import process_failure
+with process_failure.FailureWatch() as watch:
+  time.sleep(0.5 + int(sys.argv[2]))  # process 1 leaves later
+print("thread alive after the block:", watch._thread.is_alive(), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_the_watch_ends_its_thread_when_the_run_ends_normally():
+  """A thread left in the coordination client's blocking read when the interpreter exited
+  aborted the process ("terminate called after throwing an instance of ''", 1 exit in 3)."""
+  for _ in range(2):
+    coordinator = f"localhost:{_free_port()}"
+    processes = [subprocess.Popen([sys.executable, "-c", _ENTER_AND_LEAVE, coordinator, str(i)],
+                                  cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env=dict(os.environ, JAX_NUM_CPU_DEVICES="1"))
+                 for i in range(2)]
+    try:
+      outputs = [p.communicate(timeout=120) for p in processes]
+    finally:
+      for p in processes:
+        p.kill()
+    for p, (out, err) in zip(processes, outputs):
+      assert p.returncode == 0 and "terminate called" not in err, err[-3000:]
+      assert out == "thread alive after the block: False\n", out
