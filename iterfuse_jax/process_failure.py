@@ -5,10 +5,11 @@ host cannot read) printed its error and waited in JAX's shutdown barrier, while 
 at their next collective until a timeout ended them with an error that did not say why (on CPU
 gloo's 30 s and "Gloo context initialization failed"; a collective without a timeout, such as
 NCCL's, waits until JAX's coordination service gives up on the ended process). Now the failing
-process puts its message in the coordination service's key-value store; a thread in every other
-process waits for that key, prints `error: process K of N failed: <its message>` and ends its
-process at once (exit status 1). The failing process waits (seconds) until the others have read
-it, then ends without the shutdown barrier, which the others no longer reach.
+process puts its message in the coordination service's key-value store, under a key of every
+other process; a thread in each of them waits for its key, prints `error: process K of N failed:
+<its message>` and ends its process at once (exit status 1). The failing process waits
+(seconds) until the others have read it, then ends without the shutdown barrier, which the
+others no longer reach.
 """
 
 from __future__ import annotations
