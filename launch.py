@@ -143,7 +143,7 @@ def main(argv):
 
   with process_failure.FailureWatch() as watch:
     try:
-      _run(watch)
+      _run(watch, verbose)
     except Exception:  # pylint: disable=broad-exception-caught
       # An unexpected error: its traceback, and the other processes stop with its last line.
       if watch.active:
@@ -151,11 +151,9 @@ def main(argv):
       raise
 
 
-def _run(watch) -> None:
+def _run(watch, verbose: bool) -> None:
   """Trains or evaluates; errors the user acts on end the process with one line (`_fail`)."""
   import jax  # pylint: disable=g-import-not-at-top
-
-  verbose = FLAGS["verbosity"].present
 
   def _fail(text: str, status: int | None = None) -> None:
     """Ends this process with `text` on stderr (and `status`, else 1); in a run of several

@@ -203,7 +203,7 @@ def test_two_processes_save_their_own_predictions_and_score_the_same_as_one(tmp_
   then differed from process 0's)."""
   from configs import demo_rows
   from data_pipelines import pipeline, synthetic
-  from tests.test_train import _free_port
+  from tests import multiprocess
 
   data_dir = tmp_path / "NYUD_MT"
   synthetic.write_nyud(str(data_dir), num_train=1, num_val=6, seed=0, height=48, width=64)
@@ -220,15 +220,11 @@ def test_two_processes_save_their_own_predictions_and_score_the_same_as_one(tmp_
   one = subprocess.run([*script, str(tmp_path / "one")], cwd=REPO, capture_output=True,
                        text=True, env={**env, "JAX_NUM_CPU_DEVICES": "2"}, timeout=600)
   assert one.returncode == 0, one.stderr[-5000:]
-  coordinator = f"localhost:{_free_port()}"
-  processes = [subprocess.Popen([*script, str(tmp_path / "two"), str(i), coordinator], cwd=REPO,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**env, "JAX_NUM_CPU_DEVICES": "1"}) for i in range(2)]
-  try:
-    outputs = [p.communicate(timeout=600) for p in processes]
-  finally:
-    for p in processes:
-      p.kill()
+  coordinator = f"localhost:{multiprocess.free_port()}"
+  processes = multiprocess.start(
+      [[*script, str(tmp_path / "two"), str(i), coordinator] for i in range(2)],
+      env={"JAX_PLATFORMS": "cpu"})
+  outputs = multiprocess.finish(processes, timeout=600)
   for p, (_, err) in zip(processes, outputs):
     assert p.returncode == 0, err[-5000:]
 

@@ -1,13 +1,11 @@
 """RunCheckpoints in a run of several JAX processes (`jax.distributed` on localhost)."""
 
-import os
-import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from tests.test_train import REPO_ROOT, _free_port
+from tests import multiprocess
 
 # Each process: the latest and the best checkpoint of the same step, as the training loop saves
 # them when an evaluation step is also a checkpoint step and the best so far. Process 0's commit
@@ -50,18 +48,11 @@ def test_two_processes_save_the_latest_and_the_best_checkpoint_of_a_step(tmp_pat
   background commit waited at its barrier failed in one process ('Barrier
   ThreadSaveMultiHostValueHolder:set_value_start is already ongoing') and left the other
   waiting until JAX's coordination service aborted both (SIGABRT)."""
-  coordinator = f"localhost:{_free_port()}"
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES="1", JAX_PLATFORMS="cpu")
-  processes = [subprocess.Popen(
-      [sys.executable, "-c", _SAVE_BOTH, coordinator, str(i), str(tmp_path)], cwd=REPO_ROOT,
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  try:
-    outputs = [p.communicate(timeout=120) for p in processes]
-  except subprocess.TimeoutExpired:
-    for p in processes:
-      p.kill()
-    outputs = [p.communicate() for p in processes]
-    pytest.fail("a process waited at a barrier: " + "\n".join(err[-3000:] for _, err in outputs))
+  coordinator = f"localhost:{multiprocess.free_port()}"
+  processes = multiprocess.start(
+      [[sys.executable, "-c", _SAVE_BOTH, coordinator, str(i), str(tmp_path)] for i in range(2)],
+      env={"JAX_PLATFORMS": "cpu"})
+  outputs = multiprocess.finish(processes, timeout=120)
   for p, (out, err) in zip(processes, outputs):
     assert p.returncode == 0, err[-5000:]
     assert out.splitlines()[-1] == "saved [1, 2] [2]", out

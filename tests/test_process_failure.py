@@ -1,14 +1,30 @@
 """A process of a multi-process `launch.py` run that fails stops the others with its message
 (iterfuse_jax/process_failure.py)."""
 
-import os
-import subprocess
+import pathlib
 import sys
 import time
 
 import pytest
 
-from tests.test_train import REPO_ROOT, TINY, _free_port, tiny_flags
+from tests import multiprocess
+from tests.test_train import REPO_ROOT, TINY, tiny_flags
+
+
+def _tiny_data(tmp_path: pathlib.Path) -> pathlib.Path:
+  """The tiny config's synthetic NYUD folder (as `launch.py` would write it)."""
+  from data_pipelines import synthetic
+  syn = TINY.synthetic_data
+  data_dir = tmp_path / "NYUD_MT"
+  synthetic.write_nyud(str(data_dir), num_train=syn.num_train, num_val=syn.num_val, seed=syn.seed,
+                       height=syn.height, width=syn.width)
+  return data_dir
+
+
+def _two_launches(flags: list[str]) -> list[list[str]]:
+  command = [sys.executable, str(REPO_ROOT / "launch.py"), *flags,
+             f"--coordinator_address=localhost:{multiprocess.free_port()}", "--num_processes=2"]
+  return [[*command, f"--process_id={i}"] for i in range(2)]
 
 
 @pytest.mark.slow
@@ -18,26 +34,12 @@ def test_a_data_error_in_process_0_stops_process_1_at_once_with_its_message(tmp_
   of 'Gloo context initialization failed: DEADLINE_EXCEEDED' that did not say why (measured
   here: 34 s); a collective without such a timeout (NCCL) waits until JAX's coordination
   service gives up on the process that ended."""
-  from data_pipelines import synthetic
-  syn = TINY.synthetic_data
-  data_dir = tmp_path / "NYUD_MT"
-  synthetic.write_nyud(str(data_dir), num_train=syn.num_train, num_val=syn.num_val, seed=syn.seed,
-                       height=syn.height, width=syn.width)
+  data_dir = _tiny_data(tmp_path)
   broken = data_dir / "images" / "000003.jpg"
   broken.write_bytes(b"not a JPEG")
-  command = [sys.executable, str(REPO_ROOT / "launch.py"),
-             *tiny_flags(str(data_dir), tmp_path / "run"),
-             f"--coordinator_address=localhost:{_free_port()}", "--num_processes=2"]
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES="1")
   start = time.monotonic()
-  processes = [subprocess.Popen([*command, f"--process_id={i}"], cwd=REPO_ROOT, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for i in range(2)]
-  try:
-    outputs = [p.communicate(timeout=600) for p in processes]
-  finally:
-    for p in processes:
-      p.kill()
+  processes = multiprocess.start(_two_launches(tiny_flags(str(data_dir), tmp_path / "run")))
+  outputs = multiprocess.finish(processes, timeout=600)
   seconds = time.monotonic() - start
   errs = [err for _, err in outputs]
   print(f"both ended after {seconds:.0f} s", *errs, sep="\n")
@@ -55,27 +57,14 @@ def test_a_data_error_in_process_0_stops_process_1_at_once_with_its_message(tmp_
 def test_processes_that_do_not_share_the_workdir_stop_before_training(tmp_path):
   """`--workdir=run` from two current directories (as on hosts whose /tmp is their own): each
   process would have read and written its own checkpoints; now process 1 says so and both stop."""
-  from data_pipelines import synthetic
-  syn = TINY.synthetic_data
-  data_dir = tmp_path / "NYUD_MT"
-  synthetic.write_nyud(str(data_dir), num_train=syn.num_train, num_val=syn.num_val, seed=syn.seed,
-                       height=syn.height, width=syn.width)
+  data_dir = _tiny_data(tmp_path)
   flags = [flag.replace("configs/", f"{REPO_ROOT}/configs/", 1)
            for flag in tiny_flags(str(data_dir), "run")]
-  command = [sys.executable, str(REPO_ROOT / "launch.py"), *flags,
-             f"--coordinator_address=localhost:{_free_port()}", "--num_processes=2"]
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES="1")
   homes = [tmp_path / "host0", tmp_path / "host1"]
   for home in homes:
     home.mkdir()
-  processes = [subprocess.Popen([*command, f"--process_id={i}"], cwd=homes[i], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for i in range(2)]
-  try:
-    outputs = [p.communicate(timeout=600) for p in processes]
-  finally:
-    for p in processes:
-      p.kill()
+  processes = multiprocess.start(_two_launches(flags), cwd=homes)
+  outputs = multiprocess.finish(processes, timeout=600)
   errs = [err for _, err in outputs]
   print(*errs, sep="\n")
   assert [p.returncode for p in processes] == [1, 1], errs
@@ -103,16 +92,10 @@ def test_the_watch_ends_its_thread_when_the_run_ends_normally():
   """A thread left in the coordination client's blocking read when the interpreter exited
   aborted the process ("terminate called after throwing an instance of ''", 1 exit in 3)."""
   for _ in range(2):
-    coordinator = f"localhost:{_free_port()}"
-    processes = [subprocess.Popen([sys.executable, "-c", _ENTER_AND_LEAVE, coordinator, str(i)],
-                                  cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, env=dict(os.environ, JAX_NUM_CPU_DEVICES="1"))
-                 for i in range(2)]
-    try:
-      outputs = [p.communicate(timeout=120) for p in processes]
-    finally:
-      for p in processes:
-        p.kill()
+    coordinator = f"localhost:{multiprocess.free_port()}"
+    processes = multiprocess.start(
+        [[sys.executable, "-c", _ENTER_AND_LEAVE, coordinator, str(i)] for i in range(2)])
+    outputs = multiprocess.finish(processes, timeout=120)
     for p, (out, err) in zip(processes, outputs):
       assert p.returncode == 0 and "terminate called" not in err, err[-3000:]
       assert out == "thread alive after the block: False\n", out

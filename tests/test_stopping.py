@@ -11,11 +11,13 @@ import sys
 import textwrap
 import threading
 import time
+from typing import Callable
 
 import pytest
 
 from iterfuse_jax import checkpoints, stopping
-from tests.test_train import (REPO_ROOT, STEPS, _free_port, assert_same_run, data_dir,  # noqa: F401
+from tests import multiprocess
+from tests.test_train import (REPO_ROOT, STEPS, assert_same_run, data_dir,  # noqa: F401
                               finished_run, tiny_flags)
 
 
@@ -166,25 +168,18 @@ def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step_then_the
   barrier of the same key (see tests/test_checkpoints.py)."""
   config, reference, *_ = finished_run
   workdir = tmp_path / "two_processes"
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES="1")
 
   def start() -> list[subprocess.Popen]:
     command = [sys.executable, str(REPO_ROOT / "launch.py"), "--config=configs/demo.py:tiny",
-               f"--workdir={workdir}", f"--coordinator_address=localhost:{_free_port()}",
-               "--num_processes=2"]
-    return [subprocess.Popen([*command, f"--process_id={i}"], cwd=REPO_ROOT, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for i in range(2)]
+               f"--workdir={workdir}",
+               f"--coordinator_address=localhost:{multiprocess.free_port()}", "--num_processes=2"]
+    return multiprocess.start([[*command, f"--process_id={i}"] for i in range(2)])
 
-  def finish(processes: list[subprocess.Popen], signal_when=None) -> list[tuple[str, str]]:
-    try:
-      if signal_when is not None:
-        signal_when(processes)
-        processes[1].send_signal(signal.SIGTERM)
-      return [p.communicate(timeout=900) for p in processes]
-    finally:
-      for p in processes:
-        p.kill()
+  def sigterm_to_process_1_once(ready: Callable[[list[subprocess.Popen]], object]):
+    def meanwhile(processes: list[subprocess.Popen]) -> None:
+      ready(processes)
+      processes[1].send_signal(signal.SIGTERM)
+    return meanwhile
 
   def stopped_step(processes, outputs) -> int:
     errs = [err for _, err in outputs]
@@ -197,7 +192,8 @@ def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step_then_the
     return steps[0]
 
   processes = start()
-  step = stopped_step(processes, finish(processes, lambda ps: _wait_for_training(ps[0])))
+  step = stopped_step(processes, multiprocess.finish(
+      processes, 900, sigterm_to_process_1_once(lambda ps: _wait_for_training(ps[0]))))
   assert 1 <= step < STEPS - 1
 
   def restored(processes):  # both are past jax.distributed's start, not yet past a step
@@ -207,12 +203,12 @@ def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step_then_the
       time.sleep(0.05)
 
   processes = start()
-  outputs = finish(processes, restored)
+  outputs = multiprocess.finish(processes, 900, sigterm_to_process_1_once(restored))
   assert f"resuming from step {step}" in outputs[0][0]
   assert stopped_step(processes, outputs) == step + 1
 
   processes = start()
-  outputs = finish(processes)
+  outputs = multiprocess.finish(processes, 900)
   assert [p.returncode for p in processes] == [0, 0], [err[-5000:] for _, err in outputs]
   assert f"resuming from step {step + 1}" in outputs[0][0]
   assert_same_run(workdir, reference, config, metric_rtol=1e-6)

@@ -12,7 +12,6 @@ import pathlib
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ from ml_collections import config_flags
 from configs import demo as demo_config
 from configs import nyud_ifbC
 from iterfuse_jax import checkpoints, compare, determinism, evaluations, inference, train
-from tests import tensorboard_events
+from tests import multiprocess, tensorboard_events
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = demo_config.get_config("tiny")  # 12 steps, 2 per epoch; checkpoints 3, 6, 9, 12
@@ -631,12 +630,6 @@ def test_launch_on_a_full_disk_names_the_workdir(tmp_path, data_dir):
 # ----------------------------------------------------------------------------- processes
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_train_like_one_process_with_two_devices(finished_run, tmp_path):
   """2 JAX processes on localhost (one CPU device each, gloo collectives) from an empty workdir:
@@ -644,20 +637,12 @@ def test_two_processes_train_like_one_process_with_two_devices(finished_run, tmp
   one process with 2 devices on the same global batches."""
   config, reference, *_ = finished_run
   workdir = tmp_path / "two_processes"
-  port = _free_port()
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES="1")
   command = [sys.executable, str(REPO_ROOT / "launch.py"), "--config=configs/demo.py:tiny",
-             f"--workdir={workdir}", f"--coordinator_address=localhost:{port}",
+             f"--workdir={workdir}", f"--coordinator_address=localhost:{multiprocess.free_port()}",
              "--num_processes=2"]
   start = time.monotonic()
-  processes = [subprocess.Popen([*command, f"--process_id={i}"], cwd=REPO_ROOT, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for i in range(2)]
-  try:
-    outputs = [p.communicate(timeout=1200) for p in processes]
-  finally:
-    for p in processes:
-      p.kill()
+  processes = multiprocess.start([[*command, f"--process_id={i}"] for i in range(2)])
+  outputs = multiprocess.finish(processes, timeout=1200)
   print(f"two processes: {time.monotonic() - start:.0f} s")
   for p, (out, err) in zip(processes, outputs):
     assert p.returncode == 0, (out, err)
