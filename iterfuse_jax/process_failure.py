@@ -7,9 +7,11 @@ gloo's 30 s and "Gloo context initialization failed"; a collective without a tim
 NCCL's, waits until JAX's coordination service gives up on the ended process). Now the failing
 process puts its message in the coordination service's key-value store, under a key of every
 other process; a thread in each of them waits for its key, prints `error: process K of N failed:
-<its message>` and ends its process at once (exit status 1). The failing process waits
-(seconds) until the others have read it, then ends without the shutdown barrier, which the
-others no longer reach.
+<its message>` and ends its process (exit status 1); the failing process ends too, without the
+shutdown barrier, which the others no longer reach. Process 0 ends last: it hosts the
+coordination service, and a process still connected to it when it goes aborts ("Terminating
+process because the JAX distributed service detected fatal errors", SIGABRT), so the others
+say they are leaving and process 0 waits for that.
 """
 
 from __future__ import annotations
@@ -18,18 +20,23 @@ import logging
 import os
 import sys
 import threading
+import time
 
 import jax
-from jax._src import distributed as jax_distributed  # the client of the coordination service
+
+from iterfuse_jax import coordination
 
 # A process's thread waits for its own key: another process that fails writes its message
 # there, and the process itself writes an empty value to end the thread when it exits normally
 # (a thread still inside the client's blocking read when the interpreter exits aborted the
 # process: "terminate called after throwing an instance of ''", 1 exit in 3).
 _NOTICE_KEY = "iterfuse_jax/failure_notice/"
-_SEEN_KEY = "iterfuse_jax/failure_seen/"
+_LEAVING_KEY = "iterfuse_jax/failure_leaving/"
 _WAIT_MS = 3_600_000  # one blocking read of the key; the thread reads again after each
-_SEEN_TIMEOUT_MS = 20_000  # how long a failing process waits for the others to read its message
+_LEAVING_TIMEOUT_S = 20.0  # how long process 0 waits for the others to say they are leaving
+# From a process's word that it leaves to its exit: the reply to its last request to the service
+# (a process whose reply was still on the way when process 0 went aborted: 2 runs in 8).
+_EXIT_GRACE_S = 2.0
 _JOIN_TIMEOUT_S = 10.0
 
 
@@ -37,8 +44,12 @@ class FailureWatch:
   """Entered in every process of a multi-process run (a no-op in one process)."""
 
   def __init__(self):
-    self._client = jax_distributed.global_state.client if jax.process_count() > 1 else None
+    self._client = coordination.client()
     self._thread: threading.Thread | None = None
+    # Held while the thread relays another process's failure, and by `fail` while it marks
+    # this process as failing: a process ends with one error, its own or the first relayed.
+    self._lock = threading.Lock()
+    self._failing = False
 
   @property
   def active(self) -> bool:
@@ -73,46 +84,60 @@ class FailureWatch:
         return  # the client is gone (JAX reports why)
       if not value:
         return  # this process is exiting
-      process, _, message = value.partition("\n")
-      text = (f"error: process {process} of {jax.process_count()} failed: {message}\n"
-              f"(process {jax.process_index()} stops too)")
-      logging.info("%s", text)
-      # The process's own stderr: the main thread may have redirected sys.stderr (library
-      # output goes to the log file while the dataset is prepared).
-      _flush_and_print(text, sys.__stderr__ or sys.stderr)
-      try:
-        self._client.key_value_set(_SEEN_KEY + str(jax.process_index()), "1")
-      except jax.errors.JaxRuntimeError:
-        pass
-      os._exit(1)  # pylint: disable=protected-access
+      with self._lock:
+        if self._failing:
+          # The processes found the same error at once (a check they run together):
+          # `fail` prints this process's own error and ends it with its own status.
+          return
+        process, _, message = value.partition("\n")
+        text = (f"error: process {process} of {jax.process_count()} failed: {message}\n"
+                f"(process {jax.process_index()} stops too)")
+        logging.info("%s", text)
+        # The process's own stderr: the main thread may have redirected sys.stderr (library
+        # output goes to the log file while the dataset is prepared).
+        _flush_and_print(text, sys.__stderr__ or sys.stderr)
+        self._exit(1)
 
   def fail(self, text: str, status: int = 1) -> None:
-    """Prints `text` (this process's error: a line, or a traceback), tells the other processes
-    it failed with its last line, waits until they have read it, and ends this process with
-    `status`."""
+    """Prints `text` (this process's error: `error: ` and a message of one or more lines, or a
+    traceback), tells the other processes it failed with the message (of a traceback, its last
+    line), and ends this process with `status`."""
+    with self._lock:  # the thread may be relaying another process's failure: then it ends us
+      self._failing = True
     _flush_and_print(text)
-    message = text.strip().splitlines()[-1].removeprefix("error: ")
+    text = text.strip()
+    message = (text.removeprefix("error: ") if text.startswith("error: ")
+               else text.splitlines()[-1])
     if self._client is not None:
       me = jax.process_index()
-      # This process's own thread first: it must not act on another process's notice now.
-      told = []
+      # This process's own key first: its thread ends (or holds a notice it leaves alone).
       for process in [me] + [p for p in range(jax.process_count()) if p != me]:
         try:
           self._client.key_value_set(_NOTICE_KEY + str(process), "" if process == me else
                                      f"{me}\n{message}")
-          told.append(process)
         except jax.errors.JaxRuntimeError:
           pass  # it failed or exited already (or was told by another failing process)
-      for process in told:
-        if process != me:
-          try:
-            self._client.blocking_key_value_get(_SEEN_KEY + str(process), _SEEN_TIMEOUT_MS)
-          except jax.errors.JaxRuntimeError:
-            break  # gone already, or not reading: nothing more to wait for
+    self._exit(status)
+
+  def _exit(self, status: int) -> None:
+    """Ends this process without JAX's shutdown barrier (which would wait for processes that
+    have ended); process 0 after the others."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    # Not sys.exit: JAX's shutdown barrier at exit would wait for processes that have ended.
+    if self._client is not None:
+      me = jax.process_index()
+      try:
+        if me == 0:
+          deadline = time.monotonic() + _LEAVING_TIMEOUT_S
+          for process in range(1, jax.process_count()):
+            left_ms = int(max(deadline - time.monotonic(), 0.001) * 1000)
+            self._client.blocking_key_value_get(_LEAVING_KEY + str(process), left_ms)
+          time.sleep(_EXIT_GRACE_S)
+        else:
+          self._client.key_value_set(_LEAVING_KEY + str(me), "1")
+      except jax.errors.JaxRuntimeError:
+        pass  # a process that does not say it leaves (killed): process 0 waited long enough
     os._exit(status)  # pylint: disable=protected-access
 
 

@@ -28,8 +28,9 @@ from typing import Callable
 import jax
 import numpy as np
 from etils import epath
-from jax._src import distributed as jax_distributed  # the client of the coordination service
 from jax.experimental import multihost_utils
+
+from iterfuse_jax import coordination
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -132,7 +133,7 @@ PREEMPTION_NOTICE_KEY = "RECEIVED_PREEMPTION_NOTICE"
 
 def _preemption_notice_received() -> bool:
   """Whether JAX's preemption service has a notice (a SIGTERM to any process of the run)."""
-  client = jax_distributed.global_state.client
+  client = coordination.client()
   if client is None:
     return False
   try:
