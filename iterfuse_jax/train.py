@@ -30,7 +30,6 @@ import optax
 from clu import parameter_overview  # TensorFlow-free, unlike clu's metric writers
 from etils import epath
 from flax.training import train_state
-from jax._src import distributed as jax_distributed  # the client of the coordination service
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -39,9 +38,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 # are imported where the loop uses them, and TensorFlow (clu's writers, `summaries`) only when a
 # run starts and only if it is installed.
 from data_pipelines import io_utils  # numpy and PIL only
-from iterfuse_jax import (boundary_eval, console, determinism, eval_resizing, evaluations,
-                          inference, losses, metrics, out_of_memory, run_identity, stopping,
-                          summaries, visualization)
+from iterfuse_jax import (boundary_eval, console, coordination, determinism, eval_resizing,
+                          evaluations, inference, losses, metrics, out_of_memory, run_identity,
+                          stopping, summaries, visualization)
 from iterfuse_jax import tasks as task_registry
 from iterfuse_jax.models import build, build_model, initialization
 
@@ -352,7 +351,7 @@ def check_shared_workdir(workdir: epath.Path) -> None:
   """
   if jax.process_count() == 1:
     return
-  client = jax_distributed.global_state.client
+  client = coordination.client()
   mark = workdir / SHARED_WORKDIR_MARK
   if jax.process_index() == 0:
     text = f"{uuid.uuid4().hex} {socket.gethostname()}:{os.path.abspath(mark)}"
@@ -373,6 +372,37 @@ def check_shared_workdir(workdir: epath.Path) -> None:
         f"{os.path.abspath(workdir)} the file {SHARED_WORKDIR_MARK} that process 0 wrote at "
         f"{expected.split(' ', 1)[1]}: give every process the same workdir, on a filesystem "
         "every host sees (a relative path is taken from each process's current directory)")
+
+
+def check_same_checkpoints(workdir: epath.Path) -> None:
+  """In a run of several processes, checks that every process lists the same checkpoints in the
+  workdir (call it in every process before one is restored).
+
+  Otherwise processes restore different states (a workdir on a host-local disk, a copy of it, a
+  network filesystem whose listing lags behind on one host) and go on, silently, with
+  replicated parameters that differ, or one of them finds none and fails alone.
+
+  Raises:
+    WorkdirError: the processes' listings differ; names each process's host, folder and steps.
+  """
+  if jax.process_count() == 1:
+    return
+  # pylint: disable-next=g-import-not-at-top
+  from iterfuse_jax.checkpoints import committed_steps
+  listing = {folder: committed_steps(workdir / folder) for folder in ("checkpoints", "best")}
+  views = coordination.gather_texts("checkpoint_listing", json.dumps(
+      {"host": socket.gethostname(), "workdir": os.path.abspath(workdir), **listing}))
+  views = [json.loads(view) for view in views]
+  if all(view["checkpoints"] == views[0]["checkpoints"] and view["best"] == views[0]["best"]
+         for view in views):
+    return
+  lines = [f"  process {p} on {view['host']}: {view['workdir']}: checkpoints/ steps "
+           f"{view['checkpoints'] or 'none'}, best/ steps {view['best'] or 'none'}"
+           for p, view in enumerate(views)]
+  raise WorkdirError(
+      "the processes see different checkpoints in their workdir:\n" + "\n".join(lines) + "\n"
+      "give every process the same workdir, on a filesystem every host sees (where a network "
+      "filesystem lists new files late on some hosts, run the command again a little later)")
 
 
 def check_continues_run(config: ml_collections.ConfigDict, workdir: epath.Path,
@@ -621,6 +651,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if main:
     check_workdir(workdir)
   check_shared_workdir(workdir)
+  check_same_checkpoints(workdir)
   tasks = tuple(config.dataset.tasks)
   resolve_atrc_genotype(config)
   check_continues_run(config, workdir, bool(committed_steps(workdir / "checkpoints")
@@ -719,7 +750,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     run was killed): metrics to TensorBoard and the record, pictures, the best checkpoint."""
     if step in record:
       return
-    eval_batches = create_eval_batches(config)
+    # Preparing checks the prepared copy against the split files; should they have changed
+    # since the start, process 0 alone prepares it again.
+    with main_process_first(f"iterfuse: eval data of step {step} ready"):
+      eval_batches = create_eval_batches(config)
     results = add_delta_m(
         evaluate(state, jitted_eval, eval_batches, data_sharding, len(eval_batches),
                  desc=f"eval @ {step}"), config, tasks)
@@ -856,6 +890,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   if which not in ("latest", "best"):
     raise ValueError(f"which must be 'latest' or 'best', got {which!r}")
   folder = workdir / ("checkpoints" if which == "latest" else "best")
+  check_same_checkpoints(workdir)
   if not committed_steps(folder):
     raise FileNotFoundError(f"no {which} checkpoint in {folder}; train first (the same command "
                             "without --mode eval)")
@@ -863,8 +898,6 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   config.model.pretrained = ""  # the checkpoint holds every weight
   resolve_atrc_genotype(config)
   check_continues_run(config, workdir, has_checkpoints=True)
-  if config.synthetic_data.enabled and not config.dataset.data_dir:
-    prepare_synthetic_data(config, workdir)
   tasks = tuple(config.dataset.tasks)
   mesh = create_mesh(config.num_devices)
   data_sharding = NamedSharding(mesh, PartitionSpec("data"))
@@ -879,8 +912,11 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                                           resize_order=config.eval_resize),
                         out_shardings=NamedSharding(mesh, PartitionSpec()),
                         compiler_options=options)
-  with warnings.catch_warnings():
+  # Process 0 writes and prepares the data if they are missing; the others read what it made.
+  with main_process_first("iterfuse: eval data ready"), warnings.catch_warnings():
     if config.synthetic_data.enabled:  # small splits by design, as in training
+      if not config.dataset.data_dir:
+        prepare_synthetic_data(config, workdir)
       warnings.simplefilter("ignore", io_utils.SplitSizeWarning)
     with console.library_output():  # tensorflow-datasets prints while it prepares the copy
       eval_batches = create_eval_batches(config)

@@ -12,6 +12,7 @@ import pathlib
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -655,6 +656,58 @@ def test_two_processes_train_like_one_process_with_two_devices(finished_run, tmp
   # Metrics are float32 sums over the split: the reduction across hosts rounds them up to 1 ulp
   # apart from the one-process reduction (depth/rmse 2.7526862 vs 2.7526860), parameters are equal.
   assert_same_run(workdir, reference, config, metric_rtol=1e-6)
+
+
+def _two_process_eval(data_dir, workdirs, *extra) -> tuple[list, list[tuple[str, str]]]:
+  """`launch.py --mode=eval` of the tiny run in 2 processes, process i on `workdirs[i]`."""
+  port = multiprocess.free_port()
+  processes = multiprocess.start([
+      [sys.executable, str(REPO_ROOT / "launch.py"), *tiny_flags(data_dir, workdir),
+       "--mode=eval", f"--coordinator_address=localhost:{port}", "--num_processes=2",
+       f"--process_id={i}", *extra] for i, workdir in enumerate(workdirs)])
+  return processes, multiprocess.finish(processes, timeout=600)
+
+
+def test_two_processes_evaluate_a_checkpoint_like_one_process(finished_run, data_dir, tmp_path):
+  """`--mode eval` in 2 processes on a dataset copy not prepared yet: process 0 prepares it while
+  process 1 waits, and the metrics are the run's own (one process, 2 devices)."""
+  _, workdir, *_ = finished_run
+  prepared = tmp_path / "prepared"
+  processes, outputs = _two_process_eval(data_dir, [workdir, workdir],
+                                         f"--config.dataset.prepared_dir={prepared}")
+  for p, (out, err) in zip(processes, outputs):
+    assert p.returncode == 0, err[-3000:]
+  step = max(checkpoints.committed_steps(workdir / "checkpoints"))
+  assert f"latest checkpoint (step {step}) of {workdir}" in outputs[0][0]
+  assert "checkpoint" not in outputs[1][0]  # the table is process 0's alone
+  assert (prepared / "nyud_v2_mt").is_dir()  # prepared there, once
+  for key, value in _read_json(workdir / "metrics.json").items():
+    assert f"| {key} | {value:.4f} |" in outputs[0][0], key
+
+
+def test_processes_that_see_different_checkpoints_refuse_to_evaluate(finished_run, data_dir,
+                                                                       tmp_path):
+  """A workdir that is not the same for every process (here process 1's copy lacks the newest
+  checkpoint, as on a host whose network filesystem lags behind) would restore different states
+  in different processes: both processes stop, each printing every process's listing (the
+  whole message, also where the other process failed first and this one only relays it)."""
+  _, reference, *_ = finished_run
+  steps = checkpoints.committed_steps(reference / "checkpoints")
+  workdirs = [tmp_path / "host0", tmp_path / "host1"]
+  for workdir in workdirs:
+    shutil.copytree(reference, workdir)
+  shutil.rmtree(workdirs[1] / "checkpoints" / str(steps[-1]))
+  processes, outputs = _two_process_eval(data_dir, workdirs)
+  for p, (_, err) in zip(processes, outputs):
+    assert p.returncode == 1, err[-3000:]
+    assert "the processes see different checkpoints" in err, err[-3000:]
+    assert f"process 0 on {socket.gethostname()}: {workdirs[0]}: checkpoints/ steps {steps}" in err
+    assert f"process 1 on {socket.gethostname()}: {workdirs[1]}: checkpoints/ steps {steps[:-1]}" \
+        in err
+    # One error each (the same, found at once; not also relayed from the other), and no abort
+    # of process 1 by the coordination service that went with process 0.
+    assert err.count("give every process the same workdir") == 1, err[-3000:]
+    assert "Traceback" not in err and "Terminating process" not in err
 
 
 @pytest.mark.slow
