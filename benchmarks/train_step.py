@@ -473,7 +473,7 @@ def _measure_in_subprocess(setting: Setting, timeout_s: float | None = None,
               f"\n{stderr}\n")
   base = {**dataclasses.asdict(setting), "wall_s": wall_s}
   if timed_out:
-    return {**base, "error": f"timed out after {timeout_s:.0f} s (killed)"}
+    return {**base, "error": f"timed out after {timeout_s:.0f} s (killed)", "timed_out": True}
   if proc.returncode != 0:
     return {**base, "error": _last_error_line(stderr, proc.returncode)}
   try:

@@ -252,6 +252,35 @@ def test_each_row_gets_the_compilation_cache_it_asks_for(monkeypatch, tmp_path):
   assert [entries for _, entries in own] == [[], ["entry"]]
 
 
+@pytest.mark.parametrize("budget_s, cap_s, killed_by", [(100, 240, "budget"), (600, 240, "cap")])
+def test_a_row_killed_by_the_budgets_end_is_out_of_time_not_failed(monkeypatch, tmp_path,
+                                                                   budget_s, cap_s, killed_by):
+  """A row started with less time left than its cap and killed at the budget's end is a row to
+  run again (--from-row), not a failure that turns the visit's exit status to 1 (the image
+  rehearsal: 'pascal: JAX bf16' started with 34 s left, killed, exit 1); a row killed by its own
+  cap stays a failure."""
+  timeouts = []
+
+  def fake_measure(setting, timeout_s=None, log_path="", compile_only=False, env=None):
+    timeouts.append(timeout_s)
+    return {**setting.__dict__, "error": f"timed out after {timeout_s:.0f} s (killed)",
+            "timed_out": True}
+
+  monkeypatch.setattr(gpu_check.train_step, "_measure_in_subprocess", fake_measure)
+  row = dataclasses.replace(gpu_check.plan(tiny=True, profile_dir="")[0], cap_s=cap_s)
+  [result] = gpu_check.run_rows([row], gpu_check.Clock(budget_s), {}, tmp_path / "log", 0, True)
+  if killed_by == "budget":
+    assert timeouts[0] < cap_s
+    assert "error" not in result
+    assert result["skipped"].startswith("out of time budget (killed after ")
+    assert f"before its {cap_s} s cap" in result["skipped"]
+  else:
+    assert timeouts == [cap_s]
+    assert result["error"] == f"timed out after {cap_s} s (killed)" and "skipped" not in result
+  table = gpu_check.format_table([result])
+  assert ("FAILED" in table) == (killed_by == "cap"), table
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_tests_phase_keeps_the_report_of_a_failure_when_pytest_is_killed(tmp_path, monkeypatch,
                                                                            workers):
