@@ -54,4 +54,3 @@ def gather_texts(name: str, text: str, timeout_s: float = 600.0) -> list[str]:
   return [text if p == jax.process_index()
           else store.blocking_key_value_get(prefix + str(p), int(timeout_s * 1000))
           for p in range(jax.process_count())]
-

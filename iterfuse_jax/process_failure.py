@@ -125,19 +125,20 @@ class FailureWatch:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    if self._client is not None:
-      me = jax.process_index()
+    if self._client is not None and jax.process_index() > 0:
       try:
-        if me == 0:
-          deadline = time.monotonic() + _LEAVING_TIMEOUT_S
-          for process in range(1, jax.process_count()):
-            left_ms = int(max(deadline - time.monotonic(), 0.001) * 1000)
-            self._client.blocking_key_value_get(_LEAVING_KEY + str(process), left_ms)
-          time.sleep(_EXIT_GRACE_S)
-        else:
-          self._client.key_value_set(_LEAVING_KEY + str(me), "1")
+        self._client.key_value_set(_LEAVING_KEY + str(jax.process_index()), "1")
       except jax.errors.JaxRuntimeError:
-        pass  # a process that does not say it leaves (killed): process 0 waited long enough
+        pass
+    elif self._client is not None:
+      deadline = time.monotonic() + _LEAVING_TIMEOUT_S
+      for process in range(1, jax.process_count()):
+        try:
+          self._client.blocking_key_value_get(
+              _LEAVING_KEY + str(process), int(max(deadline - time.monotonic(), 0.001) * 1000))
+        except jax.errors.JaxRuntimeError:
+          pass  # one that does not say it leaves (killed, or ended normally): waited enough
+      time.sleep(_EXIT_GRACE_S)
     os._exit(status)  # pylint: disable=protected-access
 
 
