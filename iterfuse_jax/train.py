@@ -335,7 +335,6 @@ def check_workdir(workdir: epath.Path) -> None:
     raise WorkdirError(f"cannot write to the workdir {workdir}: {e.strerror or e}") from e
 
 
-SHARED_WORKDIR_KEY = "iterfuse_jax/workdir_mark"
 SHARED_WORKDIR_MARK = ".process0"
 
 
@@ -351,17 +350,18 @@ def check_shared_workdir(workdir: epath.Path) -> None:
   """
   if jax.process_count() == 1:
     return
-  client = coordination.client()
   mark = workdir / SHARED_WORKDIR_MARK
+  text = ""
   if jax.process_index() == 0:
     text = f"{uuid.uuid4().hex} {socket.gethostname()}:{os.path.abspath(mark)}"
     try:
       mark.write_text(text)
     except OSError as e:
       raise WorkdirError(f"cannot write to the workdir {workdir}: {e.strerror or e}") from e
-    client.key_value_set(SHARED_WORKDIR_KEY, text)
+  # Process 0's text arrives once its file is written; the others give none.
+  expected = coordination.gather_texts("workdir_mark", text)[0]
+  if jax.process_index() == 0:
     return
-  expected = client.blocking_key_value_get(SHARED_WORKDIR_KEY, 600_000)
   try:
     seen = mark.read_text()
   except OSError:
@@ -374,28 +374,31 @@ def check_shared_workdir(workdir: epath.Path) -> None:
         "every host sees (a relative path is taken from each process's current directory)")
 
 
-def check_same_checkpoints(workdir: epath.Path) -> None:
-  """In a run of several processes, checks that every process lists the same checkpoints in the
-  workdir (call it in every process before one is restored).
+def check_same_checkpoints(workdir: epath.Path) -> dict[str, list[int]]:
+  """The committed steps of the workdir's checkpoints/ and best/; in a run of several processes,
+  checks that every process lists the same (call it in every process before one is restored).
 
   Otherwise processes restore different states (a workdir on a host-local disk, a copy of it, a
   network filesystem whose listing lags behind on one host) and go on, silently, with
   replicated parameters that differ, or one of them finds none and fails alone.
 
+  Returns:
+    {"checkpoints": steps, "best": steps}, ascending.
+
   Raises:
     WorkdirError: the processes' listings differ; names each process's host, folder and steps.
   """
-  if jax.process_count() == 1:
-    return
   # pylint: disable-next=g-import-not-at-top
   from iterfuse_jax.checkpoints import committed_steps
   listing = {folder: committed_steps(workdir / folder) for folder in ("checkpoints", "best")}
+  if jax.process_count() == 1:
+    return listing
   views = coordination.gather_texts("checkpoint_listing", json.dumps(
       {"host": socket.gethostname(), "workdir": os.path.abspath(workdir), **listing}))
   views = [json.loads(view) for view in views]
-  if all(view["checkpoints"] == views[0]["checkpoints"] and view["best"] == views[0]["best"]
+  if all(view["checkpoints"] == listing["checkpoints"] and view["best"] == listing["best"]
          for view in views):
-    return
+    return listing
   lines = [f"  process {p} on {view['host']}: {view['workdir']}: checkpoints/ steps "
            f"{view['checkpoints'] or 'none'}, best/ steps {view['best'] or 'none'}"
            for p, view in enumerate(views)]
@@ -643,7 +646,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   # pylint: disable=g-import-not-at-top
   from data_pipelines import pipeline as data_pipeline
-  from iterfuse_jax.checkpoints import RunCheckpoints, committed_steps
+  from iterfuse_jax.checkpoints import RunCheckpoints
   # pylint: enable=g-import-not-at-top
   workdir = epath.Path(workdir)
   main = jax.process_index() == 0
@@ -651,11 +654,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if main:
     check_workdir(workdir)
   check_shared_workdir(workdir)
-  check_same_checkpoints(workdir)
+  listing = check_same_checkpoints(workdir)
   tasks = tuple(config.dataset.tasks)
   resolve_atrc_genotype(config)
-  check_continues_run(config, workdir, bool(committed_steps(workdir / "checkpoints")
-                                            or committed_steps(workdir / "best")))
+  check_continues_run(config, workdir, bool(listing["checkpoints"] or listing["best"]))
   dataset = config.dataset.name
   with main_process_first("iterfuse: dataset ready"), warnings.catch_warnings():
     if config.synthetic_data.enabled:
@@ -674,7 +676,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   title = f"{config.model.name} on {dataset} ({', '.join(tasks)})"
   record = evaluations.Evaluations(workdir)
   if (total_steps in record
-      and committed_steps(workdir / "checkpoints")[-1:] == [total_steps]
+      and listing["checkpoints"][-1:] == [total_steps]
       and (boundary_eval.TASK not in tasks or BOUNDARY_KEY in record[total_steps])):
     console.line(f"{workdir} holds the finished run of {title} ({total_steps} steps).")
     return _finish(record, total_steps, title, workdir)
@@ -885,13 +887,12 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         which: str = "latest") -> dict[str, float]:
   """Evaluates the latest (or best) checkpoint of a workdir; prints and returns the metrics."""
   # pylint: disable-next=g-import-not-at-top
-  from iterfuse_jax.checkpoints import RunCheckpoints, committed_steps
+  from iterfuse_jax.checkpoints import RunCheckpoints
   workdir = epath.Path(workdir)
   if which not in ("latest", "best"):
     raise ValueError(f"which must be 'latest' or 'best', got {which!r}")
   folder = workdir / ("checkpoints" if which == "latest" else "best")
-  check_same_checkpoints(workdir)
-  if not committed_steps(folder):
+  if not check_same_checkpoints(workdir)[folder.name]:
     raise FileNotFoundError(f"no {which} checkpoint in {folder}; train first (the same command "
                             "without --mode eval)")
   config = ml_collections.ConfigDict(config.to_dict())

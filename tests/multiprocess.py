@@ -7,6 +7,7 @@ import os
 import pathlib
 import socket
 import subprocess
+import sys
 from typing import Callable, Sequence
 
 import pytest
@@ -18,6 +19,15 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(("localhost", 0))
     return s.getsockname()[1]
+
+
+def launch_commands(flags_per_process: Sequence[Sequence[str]]) -> list[list[str]]:
+  """`python launch.py FLAGS` of each process, joined into one run on a free localhost port
+  (process i gets `flags_per_process[i]`)."""
+  port = free_port()
+  return [[sys.executable, str(REPO_ROOT / "launch.py"), *flags,
+           f"--coordinator_address=localhost:{port}", f"--num_processes={len(flags_per_process)}",
+           f"--process_id={i}"] for i, flags in enumerate(flags_per_process)]
 
 
 def start(commands: Sequence[Sequence[str]], cwd: os.PathLike | Sequence[os.PathLike] = REPO_ROOT,

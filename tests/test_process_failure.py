@@ -21,12 +21,6 @@ def _tiny_data(tmp_path: pathlib.Path) -> pathlib.Path:
   return data_dir
 
 
-def _two_launches(flags: list[str]) -> list[list[str]]:
-  command = [sys.executable, str(REPO_ROOT / "launch.py"), *flags,
-             f"--coordinator_address=localhost:{multiprocess.free_port()}", "--num_processes=2"]
-  return [[*command, f"--process_id={i}"] for i in range(2)]
-
-
 @pytest.mark.slow
 def test_a_data_error_in_process_0_stops_process_1_at_once_with_its_message(tmp_path):
   """Process 0 prepares the dataset while process 1 waits at a barrier. Before, with an
@@ -38,7 +32,8 @@ def test_a_data_error_in_process_0_stops_process_1_at_once_with_its_message(tmp_
   broken = data_dir / "images" / "000003.jpg"
   broken.write_bytes(b"not a JPEG")
   start = time.monotonic()
-  processes = multiprocess.start(_two_launches(tiny_flags(str(data_dir), tmp_path / "run")))
+  processes = multiprocess.start(
+      multiprocess.launch_commands([tiny_flags(str(data_dir), tmp_path / "run")] * 2))
   outputs = multiprocess.finish(processes, timeout=600)
   seconds = time.monotonic() - start
   errs = [err for _, err in outputs]
@@ -63,7 +58,7 @@ def test_processes_that_do_not_share_the_workdir_stop_before_training(tmp_path):
   homes = [tmp_path / "host0", tmp_path / "host1"]
   for home in homes:
     home.mkdir()
-  processes = multiprocess.start(_two_launches(flags), cwd=homes)
+  processes = multiprocess.start(multiprocess.launch_commands([flags] * 2), cwd=homes)
   outputs = multiprocess.finish(processes, timeout=600)
   errs = [err for _, err in outputs]
   print(*errs, sep="\n")

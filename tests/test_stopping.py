@@ -170,10 +170,8 @@ def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step_then_the
   workdir = tmp_path / "two_processes"
 
   def start() -> list[subprocess.Popen]:
-    command = [sys.executable, str(REPO_ROOT / "launch.py"), "--config=configs/demo.py:tiny",
-               f"--workdir={workdir}",
-               f"--coordinator_address=localhost:{multiprocess.free_port()}", "--num_processes=2"]
-    return multiprocess.start([[*command, f"--process_id={i}"] for i in range(2)])
+    flags = ["--config=configs/demo.py:tiny", f"--workdir={workdir}"]
+    return multiprocess.start(multiprocess.launch_commands([flags] * 2))
 
   def sigterm_to_process_1_once(ready: Callable[[list[subprocess.Popen]], object]):
     def meanwhile(processes: list[subprocess.Popen]) -> None:

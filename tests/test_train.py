@@ -638,11 +638,9 @@ def test_two_processes_train_like_one_process_with_two_devices(finished_run, tmp
   one process with 2 devices on the same global batches."""
   config, reference, *_ = finished_run
   workdir = tmp_path / "two_processes"
-  command = [sys.executable, str(REPO_ROOT / "launch.py"), "--config=configs/demo.py:tiny",
-             f"--workdir={workdir}", f"--coordinator_address=localhost:{multiprocess.free_port()}",
-             "--num_processes=2"]
+  flags = ["--config=configs/demo.py:tiny", f"--workdir={workdir}"]
   start = time.monotonic()
-  processes = multiprocess.start([[*command, f"--process_id={i}"] for i in range(2)])
+  processes = multiprocess.start(multiprocess.launch_commands([flags] * 2))
   outputs = multiprocess.finish(processes, timeout=1200)
   print(f"two processes: {time.monotonic() - start:.0f} s")
   for p, (out, err) in zip(processes, outputs):
@@ -660,11 +658,8 @@ def test_two_processes_train_like_one_process_with_two_devices(finished_run, tmp
 
 def _two_process_eval(data_dir, workdirs, *extra) -> tuple[list, list[tuple[str, str]]]:
   """`launch.py --mode=eval` of the tiny run in 2 processes, process i on `workdirs[i]`."""
-  port = multiprocess.free_port()
-  processes = multiprocess.start([
-      [sys.executable, str(REPO_ROOT / "launch.py"), *tiny_flags(data_dir, workdir),
-       "--mode=eval", f"--coordinator_address=localhost:{port}", "--num_processes=2",
-       f"--process_id={i}", *extra] for i, workdir in enumerate(workdirs)])
+  processes = multiprocess.start(multiprocess.launch_commands(
+      [[*tiny_flags(data_dir, workdir), "--mode=eval", *extra] for workdir in workdirs]))
   return processes, multiprocess.finish(processes, timeout=600)
 
 
