@@ -41,7 +41,9 @@ def client():
 def gather_texts(name: str, text: str, timeout_s: float = 600.0) -> list[str]:
   """Every process's `text` for `name`, in process order (a collective: every process calls it).
 
-  In one process: `[text]`. Each `name` can be gathered once per run (the store keeps the keys).
+  In one process: `[text]`. A name can be gathered again (a second `train_and_evaluate` or
+  `evaluate_checkpoint` in the same session): the n-th gathering of a name in one process pairs
+  with the n-th in the others.
 
   Raises:
     jax.errors.JaxRuntimeError: a process did not give its text within `timeout_s`.
@@ -49,8 +51,28 @@ def gather_texts(name: str, text: str, timeout_s: float = 600.0) -> list[str]:
   store = client()
   if store is None:
     return [text]
-  prefix = f"{_KEY_PREFIX}{name}/"
-  store.key_value_set(prefix + str(jax.process_index()), text)
-  return [text if p == jax.process_index()
-          else store.blocking_key_value_get(prefix + str(p), int(timeout_s * 1000))
+  me = jax.process_index()
+  # The store keeps every key for the run's lifetime and refuses to set one twice. Which round
+  # this is, this process reads from its own keys, which no other process writes: the first
+  # round it has no key for. Processes gather in the same order, so their rounds agree.
+  round_ = 0
+  while has_key(f"{_KEY_PREFIX}{name}/{round_}/{me}"):
+    round_ += 1
+  prefix = f"{_KEY_PREFIX}{name}/{round_}/"
+  store.key_value_set(prefix + str(me), text)
+  return [text if p == me else store.blocking_key_value_get(prefix + str(p), int(timeout_s * 1000))
           for p in range(jax.process_count())]
+
+
+def has_key(key: str) -> bool:
+  """Whether the coordination service's store holds `key` (False in a run of one process)."""
+  store = client()
+  if store is None:
+    return False
+  try:
+    store.key_value_try_get(key)
+  except jax.errors.JaxRuntimeError as e:
+    if "NOT_FOUND" in str(e):
+      return False
+    raise
+  return True

@@ -133,16 +133,7 @@ PREEMPTION_NOTICE_KEY = "RECEIVED_PREEMPTION_NOTICE"
 
 def _preemption_notice_received() -> bool:
   """Whether JAX's preemption service has a notice (a SIGTERM to any process of the run)."""
-  client = coordination.client()
-  if client is None:
-    return False
-  try:
-    client.key_value_try_get(PREEMPTION_NOTICE_KEY)
-  except jax.errors.JaxRuntimeError as e:
-    if "NOT_FOUND" in str(e):
-      return False
-    raise
-  return True
+  return coordination.has_key(PREEMPTION_NOTICE_KEY)
 
 
 def _any_process(flag: bool) -> bool:

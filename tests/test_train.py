@@ -680,6 +680,48 @@ def test_two_processes_evaluate_a_checkpoint_like_one_process(finished_run, data
     assert f"| {key} | {value:.4f} |" in outputs[0][0], key
 
 
+# One Python session per process calling the library several times, as a notebook or a sweep
+# script on a cluster does: argv = coordinator address, process id, workdir, data folder.
+_SESSION = """
+import json, sys
+import jax
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+from configs import demo
+from iterfuse_jax import train
+config = demo.get_config("tiny")
+config.dataset.data_dir, config.synthetic_data.enabled = sys.argv[4], False
+results = [train.train_and_evaluate(config, sys.argv[3]),
+           train.evaluate_checkpoint(config, sys.argv[3], which="latest"),
+           train.evaluate_checkpoint(config, sys.argv[3], which="best"),
+           train.train_and_evaluate(config, sys.argv[3])]
+print("RESULTS " + json.dumps(results))
+"""
+
+
+def test_processes_call_the_library_again_and_again_in_one_session(finished_run, data_dir,
+                                                                   tmp_path):
+  """2 processes each call train_and_evaluate, evaluate_checkpoint twice and train_and_evaluate
+  again in one Python session: every call compares the processes' workdirs and checkpoints
+  again (a name gathered through the coordination service a second time was refused: "key
+  iterfuse_jax/checkpoint_listing/0 already exists") and gives the run's metrics."""
+  _, reference, *_ = finished_run
+  workdir = tmp_path / "session"
+  shutil.copytree(reference, workdir)
+  port = multiprocess.free_port()
+  processes = multiprocess.start(
+      [[sys.executable, "-c", _SESSION, f"localhost:{port}", str(p), str(workdir), data_dir]
+       for p in range(2)])
+  outputs = multiprocess.finish(processes, timeout=600)
+  last, best = _read_json(workdir / "metrics.json"), _read_json(workdir / "metrics_best.json")
+  for p, (out, err) in zip(processes, outputs):
+    assert p.returncode == 0, err[-3000:]
+    finished, latest, best_again, finished_again = json.loads(out.split("RESULTS ")[-1])
+    assert finished == finished_again == last  # a finished run: reported, not trained again
+    for key in last:
+      np.testing.assert_allclose(latest[key], last[key], rtol=1e-4, atol=1e-6, err_msg=key)
+      np.testing.assert_allclose(best_again[key], best[key], rtol=1e-4, atol=1e-6, err_msg=key)
+
+
 def test_processes_that_see_different_checkpoints_refuse_to_evaluate(finished_run, data_dir,
                                                                        tmp_path):
   """A workdir that is not the same for every process (here process 1's copy lacks the newest
