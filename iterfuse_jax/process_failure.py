@@ -11,7 +11,9 @@ other process; a thread in each of them waits for its key, prints `error: proces
 shutdown barrier, which the others no longer reach. Process 0 ends last: it hosts the
 coordination service, and a process still connected to it when it goes aborts ("Terminating
 process because the JAX distributed service detected fatal errors", SIGABRT), so the others
-say they are leaving and process 0 waits for that.
+say they are leaving and process 0 waits for that. A process that fails after all the others
+ended normally (process 0 writing the final reports) joins them in JAX's shutdown instead:
+they wait there for it, and aborted when it went without.
 """
 
 from __future__ import annotations
@@ -27,10 +29,14 @@ import jax
 from iterfuse_jax import coordination
 
 # A process's thread waits for its own key: another process that fails writes its message
-# there, and the process itself writes an empty value to end the thread when it exits normally
-# (a thread still inside the client's blocking read when the interpreter exits aborted the
-# process: "terminate called after throwing an instance of ''", 1 exit in 3).
+# there ("<process>\n<message>"), and the process itself writes _ENDED to end the thread when it
+# ends normally (a thread still inside the client's blocking read when the interpreter exits
+# aborted the process: "terminate called after throwing an instance of ''", 1 exit in 3), or
+# _FAILING when it fails itself. Other failing processes read the difference: one that ended
+# normally waits for them in JAX's shutdown barrier, one that fails leaves without it.
 _NOTICE_KEY = "iterfuse_jax/failure_notice/"
+_ENDED = ""
+_FAILING = "failing"
 _LEAVING_KEY = "iterfuse_jax/failure_leaving/"
 _WAIT_MS = 3_600_000  # one blocking read of the key; the thread reads again after each
 _LEAVING_TIMEOUT_S = 20.0  # how long process 0 waits for the others to say they are leaving
@@ -68,7 +74,7 @@ class FailureWatch:
     if self._thread is None:
       return
     try:
-      self._client.key_value_set(_NOTICE_KEY + str(jax.process_index()), "")
+      self._client.key_value_set(_NOTICE_KEY + str(jax.process_index()), _ENDED)
     except jax.errors.JaxRuntimeError:
       pass  # a failure notice is there already: the thread is acting on it
     self._thread.join(_JOIN_TIMEOUT_S)
@@ -82,12 +88,12 @@ class FailureWatch:
         if "DEADLINE_EXCEEDED" in str(e):
           continue
         return  # the client is gone (JAX reports why)
-      if not value:
+      if value == _ENDED:
         return  # this process is exiting
       with self._lock:
         if self._failing:
-          # The processes found the same error at once (a check they run together):
-          # `fail` prints this process's own error and ends it with its own status.
+          # _FAILING, or the processes found the same error at once (a check they run
+          # together): `fail` prints this process's own error and ends it with its own status.
           return
         process, _, message = value.partition("\n")
         text = (f"error: process {process} of {jax.process_count()} failed: {message}\n"
@@ -110,14 +116,39 @@ class FailureWatch:
                else text.splitlines()[-1])
     if self._client is not None:
       me = jax.process_index()
+      others = [p for p in range(jax.process_count()) if p != me]
+      ended = []  # the processes that ended normally before: in JAX's shutdown barrier
       # This process's own key first: its thread ends (or holds a notice it leaves alone).
-      for process in [me] + [p for p in range(jax.process_count()) if p != me]:
+      for process in [me] + others:
+        key = _NOTICE_KEY + str(process)
         try:
-          self._client.key_value_set(_NOTICE_KEY + str(process), "" if process == me else
-                                     f"{me}\n{message}")
+          self._client.key_value_set(key, _FAILING if process == me else f"{me}\n{message}")
         except jax.errors.JaxRuntimeError:
-          pass  # it failed or exited already (or was told by another failing process)
+          # It ended, or fails itself, or was told by another failing process.
+          if process != me and self._read(key) == _ENDED:
+            ended.append(process)
+      if ended == others:
+        self._shut_down(status)
     self._exit(status)
+
+  def _read(self, key: str) -> str | None:
+    try:
+      return self._client.key_value_try_get(key)
+    except jax.errors.JaxRuntimeError:
+      return None
+
+  def _shut_down(self, status: int) -> None:
+    """Ends this process through JAX's shutdown barrier, where every other process waits."""
+    if self._thread is not None:
+      self._thread.join(_JOIN_TIMEOUT_S)  # it ends on this process's _FAILING
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+      jax.distributed.shutdown()
+    except Exception:  # pylint: disable=broad-exception-caught
+      pass  # the others exit with JAX's own error; this process's is printed already
+    os._exit(status)  # pylint: disable=protected-access
 
   def _exit(self, status: int) -> None:
     """Ends this process without JAX's shutdown barrier (which would wait for processes that

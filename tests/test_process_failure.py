@@ -94,3 +94,36 @@ def test_the_watch_ends_its_thread_when_the_run_ends_normally():
     for p, (out, err) in zip(processes, outputs):
       assert p.returncode == 0 and "terminate called" not in err, err[-3000:]
       assert out == "thread alive after the block: False\n", out
+
+
+_FAIL_AFTER_THE_OTHER_ENDED = """
+import sys
+import jax
+jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from iterfuse_jax import coordination, process_failure
+with process_failure.FailureWatch() as watch:
+  if jax.process_index() == 0:
+    # Process 1 has ended normally: it said so and waits in JAX's shutdown barrier.
+    coordination.client().blocking_key_value_get(process_failure._NOTICE_KEY + "1", 60_000)
+    watch.fail("error: the final report cannot be written")
+print("process 1 ended normally", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_process_0_failing_after_the_others_ended_leaves_through_their_barrier():
+  """Process 0 writes the final reports after the last collective, so it can fail after the
+  others ended normally. Before, it waited 20 s for them to say they leave (they had left), and
+  its exit then aborted process 1 in JAX's shutdown barrier (exit 134, "Terminating process
+  because the JAX distributed service detected fatal errors" and a C++ stack)."""
+  coordinator = f"localhost:{multiprocess.free_port()}"
+  start = time.monotonic()
+  processes = multiprocess.start(
+      [[sys.executable, "-c", _FAIL_AFTER_THE_OTHER_ENDED, coordinator, str(i)] for i in range(2)])
+  outputs = multiprocess.finish(processes, timeout=120)
+  print(f"both ended after {time.monotonic() - start:.0f} s")  # 5 s here; 27 s before
+  errs = [err for _, err in outputs]
+  assert [p.returncode for p in processes] == [1, 0], errs
+  assert errs[0].strip() == "error: the final report cannot be written", errs[0]
+  assert outputs[1][0] == "process 1 ended normally\n"
+  assert "Terminating process" not in errs[1] and "error: " not in errs[1], errs[1]
