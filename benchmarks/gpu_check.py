@@ -149,16 +149,20 @@ def plan(tiny: bool, profile_dir: str, torch_device: str = "auto") -> list[Row]:
   # torch.compile's NYUD row took 176 s on the H200 (compiling, then 12 steps): one started with
   # less time left is only killed.
   compile_min = 120 if tiny else 190
+  # A JAX row compiles first: 85 s (bf16) and 97 s (f32) for the NYUD step on the first visit's
+  # H200. One started with less time left was killed before its first step, and the seconds
+  # went to nothing a shorter row (PyTorch eager, 30 s) could have measured.
+  jax_min = 30 if tiny else 100
   nyud, pascal = _shape("nyud", tiny), _shape("pascal", tiny)
   # NYUD at the paper's shape: each side at its best and in float32 (both TF32), first.
-  add("nyud", "JAX bf16", jax_cap, 30, framework="jax", impl="materialized", dtype="bfloat16",
+  add("nyud", "JAX bf16", jax_cap, jax_min, framework="jax", impl="materialized", dtype="bfloat16",
       precision="tf32", profile_dir=profile_dir, **nyud)
   add("nyud", "PT eager bf16", eager_cap, 30, framework="torch", impl="materialized",
       dtype="bfloat16", precision="tf32", **nyud)
   # Before/after of the stacked IFB backward (model.tpim.ifb_gradient, "stacked" by default):
   # the same bf16 step with JAX's derivative of the loop (the first visit's profile: its two
   # backward loops took 58 of 141 ms).
-  add("nyud", "JAX bf16 IFB autodiff", jax_cap, 30, framework="jax", impl="materialized",
+  add("nyud", "JAX bf16 IFB autodiff", jax_cap, jax_min, framework="jax", impl="materialized",
       dtype="bfloat16", precision="tf32", ifb_gradient="autodiff", **nyud)
   add("nyud", "PT compile bf16", compile_cap, compile_min, framework="torch",
       impl="materialized", dtype="bfloat16", precision="tf32", torch_mode="compile", **nyud)
@@ -166,46 +170,46 @@ def plan(tiny: bool, profile_dir: str, torch_device: str = "auto") -> list[Row]:
   # 2-core CPU, 11 of them tracing and lowering): the same step compiled by a process of its own
   # without autotuning (cuDNN's and XLA's heuristic choice of kernels), its compile time and its
   # step time against the row above.
-  add("nyud", "JAX bf16 autotune 0", jax_cap, 30, cache=NO_CACHE,
+  add("nyud", "JAX bf16 autotune 0", jax_cap, jax_min, cache=NO_CACHE,
       xla_flags="--xla_gpu_autotune_level=0", framework="jax", impl="materialized",
       dtype="bfloat16", precision="tf32", **nyud)
-  add("nyud", "JAX f32 TF32", jax_cap, 30, framework="jax", impl="materialized", dtype="float32",
-      precision="tf32", **nyud)
+  add("nyud", "JAX f32 TF32", jax_cap, jax_min, framework="jax", impl="materialized",
+      dtype="float32", precision="tf32", **nyud)
   add("nyud", "PT eager f32 TF32", eager_cap, 30, framework="torch", impl="materialized",
       dtype="float32", precision="tf32", **nyud)
   # Before/after of bfloat16 IFB products (model.tpim.ifb_products, "model" by default): the
   # same bf16 step with Co and V entering the products in float32 (TF32).
-  add("nyud", "JAX bf16 IFB f32", jax_cap, 30, framework="jax", impl="materialized",
+  add("nyud", "JAX bf16 IFB f32", jax_cap, jax_min, framework="jax", impl="materialized",
       dtype="bfloat16", precision="tf32", ifb_products="float32", **nyud)
-  add("nyud", "JAX bf16 streamed", jax_cap, 30, framework="jax", impl="streamed",
+  add("nyud", "JAX bf16 streamed", jax_cap, jax_min, framework="jax", impl="streamed",
       dtype="bfloat16", precision="tf32", **nyud)
   add("nyud", "PT compile f32 TF32", compile_cap, compile_min, framework="torch",
       impl="materialized", dtype="float32", precision="tf32", torch_mode="compile", **nyud)
-  add("nyud", "JAX f32 TF32 streamed", jax_cap, 30, framework="jax", impl="streamed",
+  add("nyud", "JAX f32 TF32 streamed", jax_cap, jax_min, framework="jax", impl="streamed",
       dtype="float32", precision="tf32", **nyud)
   add("nyud", "PT eager bf16 sdpa", eager_cap, 30, framework="torch", impl="sdpa",
       dtype="bfloat16", precision="tf32", **nyud)
   # The full-resolution IFB (sc = 1, M = 19200 on NYUD): streamed runs, materialized must fail
   # with the message naming the streamed option.
   full = {**nyud, "steps": 1 if tiny else 3, "warmup": 0 if tiny else 1}
-  add("fullres", "JAX bf16 streamed sc=1", jax_cap, 40, framework="jax", impl="streamed",
+  add("fullres", "JAX bf16 streamed sc=1", jax_cap, jax_min, framework="jax", impl="streamed",
       dtype="bfloat16", precision="tf32", scale=1, **full)
-  add("fullres", "JAX bf16 materialized sc=1", jax_cap, 40, framework="jax",
+  add("fullres", "JAX bf16 materialized sc=1", jax_cap, jax_min, framework="jax",
       impl="materialized", dtype="bfloat16", precision="tf32", scale=1, **full)
   # PASCAL-Context at the paper's shape (three tasks, six CIBs).
-  add("pascal", "JAX bf16", jax_cap, 30, framework="jax", impl="materialized", dtype="bfloat16",
-      precision="tf32", **pascal)
+  add("pascal", "JAX bf16", jax_cap, jax_min, framework="jax", impl="materialized",
+      dtype="bfloat16", precision="tf32", **pascal)
   add("pascal", "PT eager bf16", eager_cap, 30, framework="torch", impl="materialized",
       dtype="bfloat16", precision="tf32", **pascal)
-  add("pascal", "JAX f32 TF32", jax_cap, 30, framework="jax", impl="materialized",
+  add("pascal", "JAX f32 TF32", jax_cap, jax_min, framework="jax", impl="materialized",
       dtype="float32", precision="tf32", **pascal)
   add("pascal", "PT eager f32 TF32", eager_cap, 30, framework="torch", impl="materialized",
       dtype="float32", precision="tf32", **pascal)
   add("pascal", "PT compile bf16", compile_cap, compile_min, framework="torch",
       impl="materialized", dtype="bfloat16", precision="tf32", torch_mode="compile", **pascal)
   # Full float32 on both sides (no TF32): like with like for users who need it.
-  add("fp32", "JAX f32 IEEE", jax_cap, 30, framework="jax", impl="materialized", dtype="float32",
-      precision="fp32", **nyud)
+  add("fp32", "JAX f32 IEEE", jax_cap, jax_min, framework="jax", impl="materialized",
+      dtype="float32", precision="fp32", **nyud)
   add("fp32", "PT eager f32 IEEE", eager_cap, 30, framework="torch", impl="materialized",
       dtype="float32", precision="fp32", **nyud)
   # Reruns at the NYUD shape: the same row twice, equal state digests = bit-for-bit reruns.
@@ -219,9 +223,9 @@ def plan(tiny: bool, profile_dir: str, torch_device: str = "auto") -> list[Row]:
                                       ("JAX bf16 cache", False, "rerun"),
                                       ("JAX bf16 deterministic", True, NO_CACHE)):
     for run in (1, 2):
-      add("determinism", f"{label} run {run}", jax_cap, 60, cache=cache, framework="jax",
-          impl="materialized", dtype="bfloat16", precision="tf32", deterministic=deterministic,
-          **rerun)
+      add("determinism", f"{label} run {run}", jax_cap, max(60, jax_min), cache=cache,
+          framework="jax", impl="materialized", dtype="bfloat16", precision="tf32",
+          deterministic=deterministic, **rerun)
   return rows
 
 
