@@ -11,9 +11,10 @@ other process; a thread in each of them waits for its key, prints `error: proces
 shutdown barrier, which the others no longer reach. Process 0 ends last: it hosts the
 coordination service, and a process still connected to it when it goes aborts ("Terminating
 process because the JAX distributed service detected fatal errors", SIGABRT), so the others
-say they are leaving and process 0 waits for that. A process that fails after all the others
-ended normally (process 0 writing the final reports) joins them in JAX's shutdown instead:
-they wait there for it, and aborted when it went without.
+say they are leaving and process 0 waits for that. A failure after one or more processes ended
+normally (process 0 writing the final reports, after the last collective) ends every other
+process through JAX's shutdown barrier instead: the processes that ended wait there, and
+aborted when the others went without it.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ _LEAVING_TIMEOUT_S = 20.0  # how long process 0 waits for the others to say they
 # (a process whose reply was still on the way when process 0 went aborted: 2 runs in 8).
 _EXIT_GRACE_S = 2.0
 _JOIN_TIMEOUT_S = 10.0
+_KEYS_TIMEOUT_S = 10.0  # how long a failing or told process waits for every notice key
 
 
 class FailureWatch:
@@ -116,47 +118,30 @@ class FailureWatch:
                else text.splitlines()[-1])
     if self._client is not None:
       me = jax.process_index()
-      others = [p for p in range(jax.process_count()) if p != me]
-      ended = []  # the processes that ended normally before: in JAX's shutdown barrier
       # This process's own key first: its thread ends (or holds a notice it leaves alone).
-      for process in [me] + others:
-        key = _NOTICE_KEY + str(process)
+      for process in [me] + [p for p in range(jax.process_count()) if p != me]:
         try:
-          self._client.key_value_set(key, _FAILING if process == me else f"{me}\n{message}")
+          self._client.key_value_set(_NOTICE_KEY + str(process),
+                                     _FAILING if process == me else f"{me}\n{message}")
         except jax.errors.JaxRuntimeError:
-          # It ended, or fails itself, or was told by another failing process.
-          if process != me and self._read(key) == _ENDED:
-            ended.append(process)
-      if ended == others:
-        self._shut_down(status)
+          pass  # it ended, or fails itself, or was told by another failing process
     self._exit(status)
 
-  def _read(self, key: str) -> str | None:
-    try:
-      return self._client.key_value_try_get(key)
-    except jax.errors.JaxRuntimeError:
-      return None
-
-  def _shut_down(self, status: int) -> None:
-    """Ends this process through JAX's shutdown barrier, where every other process waits."""
-    if self._thread is not None:
-      self._thread.join(_JOIN_TIMEOUT_S)  # it ends on this process's _FAILING
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    try:
-      jax.distributed.shutdown()
-    except Exception:  # pylint: disable=broad-exception-caught
-      pass  # the others exit with JAX's own error; this process's is printed already
-    os._exit(status)  # pylint: disable=protected-access
-
   def _exit(self, status: int) -> None:
-    """Ends this process without JAX's shutdown barrier (which would wait for processes that
-    have ended); process 0 after the others."""
+    """Ends this process: through JAX's shutdown barrier where another process ended normally
+    and waits there; else without it (it would wait for processes that have left), process 0
+    after the others."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    if self._client is not None and jax.process_index() > 0:
+    if self._client is not None and self._ended_normally():
+      if self._thread is not None and self._thread is not threading.current_thread():
+        self._thread.join(_JOIN_TIMEOUT_S)  # it ends on this process's _FAILING
+      try:
+        jax.distributed.shutdown()  # every process that did not end normally calls it too
+      except Exception:  # pylint: disable=broad-exception-caught
+        pass  # this process's error is printed already; JAX prints the barrier's
+    elif self._client is not None and jax.process_index() > 0:
       try:
         self._client.key_value_set(_LEAVING_KEY + str(jax.process_index()), "1")
       except jax.errors.JaxRuntimeError:
@@ -168,9 +153,27 @@ class FailureWatch:
           self._client.blocking_key_value_get(
               _LEAVING_KEY + str(process), int(max(deadline - time.monotonic(), 0.001) * 1000))
         except jax.errors.JaxRuntimeError:
-          pass  # one that does not say it leaves (killed, or ended normally): waited enough
+          pass  # one that does not say it leaves (killed): waited enough
       time.sleep(_EXIT_GRACE_S)
     os._exit(status)  # pylint: disable=protected-access
+
+  def _ended_normally(self) -> bool:
+    """Whether another process ended normally before the failure. Every process that fails or
+    is told reads the same answer: each notice key is written once (by its process, ending or
+    failing, or by the first failing process to tell it), and every key is written by then or
+    soon after (by each failing process, which writes them all)."""
+    deadline = time.monotonic() + _KEYS_TIMEOUT_S
+    for process in range(jax.process_count()):
+      if process == jax.process_index():
+        continue
+      try:
+        value = self._client.blocking_key_value_get(
+            _NOTICE_KEY + str(process), int(max(deadline - time.monotonic(), 0.001) * 1000))
+      except jax.errors.JaxRuntimeError:
+        continue  # not written in time: a failing process died before it told this one
+      if value == _ENDED:
+        return True
+    return False
 
 
 def _flush_and_print(text: str, stream=None) -> None:

@@ -96,34 +96,51 @@ def test_the_watch_ends_its_thread_when_the_run_ends_normally():
       assert out == "thread alive after the block: False\n", out
 
 
-_FAIL_AFTER_THE_OTHER_ENDED = """
-import sys
+_FAIL_AFTER_OTHERS_ENDED = """
+import sys, time
 import jax
-jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+num_processes, ended = int(sys.argv[2]), [int(p) for p in sys.argv[4].split(",")]
+jax.distributed.initialize(sys.argv[1], num_processes=num_processes, process_id=int(sys.argv[3]))
 from iterfuse_jax import coordination, process_failure
+me = jax.process_index()
 with process_failure.FailureWatch() as watch:
-  if jax.process_index() == 0:
-    # Process 1 has ended normally: it said so and waits in JAX's shutdown barrier.
-    coordination.client().blocking_key_value_get(process_failure._NOTICE_KEY + "1", 60_000)
+  if me == 0:
+    # The processes in `ended` have ended normally: they said so and wait in JAX's shutdown
+    # barrier; the others are still at work.
+    for p in ended:
+      coordination.client().blocking_key_value_get(process_failure._NOTICE_KEY + str(p), 60_000)
     watch.fail("error: the final report cannot be written")
-print("process 1 ended normally", flush=True)
+  elif me not in ended:
+    time.sleep(60)  # still at work when process 0 fails
+print(f"process {me} ended normally", flush=True)
 """
 
 
 @pytest.mark.slow
-def test_process_0_failing_after_the_others_ended_leaves_through_their_barrier():
-  """Process 0 writes the final reports after the last collective, so it can fail after the
-  others ended normally. Before, it waited 20 s for them to say they leave (they had left), and
-  its exit then aborted process 1 in JAX's shutdown barrier (exit 134, "Terminating process
-  because the JAX distributed service detected fatal errors" and a C++ stack)."""
+@pytest.mark.parametrize("num_processes, ended", [(2, [1]), (3, [2])])
+def test_a_failure_after_processes_ended_normally_ends_every_process_through_their_barrier(
+    num_processes, ended):
+  """Process 0 writes the final reports after the last collective, so it can fail after others
+  ended normally (here: all of them; or one of two while the other is still at work, and is
+  told). Before, process 0 waited 20 s for them to say they leave, which they never do, and its
+  exit then aborted them in JAX's shutdown barrier (exit 134, "Terminating process because the
+  JAX distributed service detected fatal errors" and a C++ stack)."""
   coordinator = f"localhost:{multiprocess.free_port()}"
   start = time.monotonic()
   processes = multiprocess.start(
-      [[sys.executable, "-c", _FAIL_AFTER_THE_OTHER_ENDED, coordinator, str(i)] for i in range(2)])
+      [[sys.executable, "-c", _FAIL_AFTER_OTHERS_ENDED, coordinator, str(num_processes), str(i),
+        ",".join(map(str, ended))] for i in range(num_processes)])
   outputs = multiprocess.finish(processes, timeout=120)
-  print(f"both ended after {time.monotonic() - start:.0f} s")  # 5 s here; 27 s before
+  print(f"all ended after {time.monotonic() - start:.0f} s")  # 5 s here; 27 s before
   errs = [err for _, err in outputs]
-  assert [p.returncode for p in processes] == [1, 0], errs
-  assert errs[0].strip() == "error: the final report cannot be written", errs[0]
-  assert outputs[1][0] == "process 1 ended normally\n"
-  assert "Terminating process" not in errs[1] and "error: " not in errs[1], errs[1]
+  assert [p.returncode for p in processes] == [0 if i in ended else 1
+                                               for i in range(num_processes)], errs
+  reason = "the final report cannot be written"
+  assert errs[0].strip() == f"error: {reason}", errs[0]
+  for i in range(1, num_processes):
+    assert "Terminating process" not in errs[i], errs[i]
+    if i in ended:
+      assert outputs[i][0] == f"process {i} ended normally\n"
+      assert "error: " not in errs[i], errs[i]
+    else:
+      assert f"error: process 0 of {num_processes} failed: {reason}" in errs[i], errs[i]
