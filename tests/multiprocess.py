@@ -30,6 +30,15 @@ def launch_commands(flags_per_process: Sequence[Sequence[str]]) -> list[list[str
            f"--process_id={i}"] for i, flags in enumerate(flags_per_process)]
 
 
+def script_commands(script: str, num_processes: int, *args: str) -> list[list[str]]:
+  """`python -c SCRIPT` of each process, joined into one run on a free localhost port: its
+  sys.argv[1:4] are jax.distributed.initialize's coordinator address, process count and
+  process id, then `args`."""
+  coordinator = f"localhost:{free_port()}"
+  return [[sys.executable, "-c", script, coordinator, str(num_processes), str(i), *args]
+          for i in range(num_processes)]
+
+
 def start(commands: Sequence[Sequence[str]], cwd: os.PathLike | Sequence[os.PathLike] = REPO_ROOT,
           env: dict[str, str] | None = None) -> list[subprocess.Popen]:
   """Starts one process per command (text stdout and stderr piped); `cwd` is one folder or one

@@ -1,6 +1,5 @@
 """RunCheckpoints in a run of several JAX processes (`jax.distributed` on localhost)."""
 
-import sys
 import textwrap
 
 import pytest
@@ -14,7 +13,7 @@ from tests import multiprocess
 _SAVE_BOTH = textwrap.dedent("""
     import sys, threading, time
     import jax, numpy as np
-    coordinator, process_id, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    coordinator, process_id, workdir = sys.argv[1], int(sys.argv[3]), sys.argv[4]
     jax.distributed.initialize(coordinator, num_processes=2, process_id=process_id)
     from orbax.checkpoint._src.futures import synchronization
     from iterfuse_jax import checkpoints
@@ -48,10 +47,8 @@ def test_two_processes_save_the_latest_and_the_best_checkpoint_of_a_step(tmp_pat
   background commit waited at its barrier failed in one process ('Barrier
   ThreadSaveMultiHostValueHolder:set_value_start is already ongoing') and left the other
   waiting until JAX's coordination service aborted both (SIGABRT)."""
-  coordinator = f"localhost:{multiprocess.free_port()}"
-  processes = multiprocess.start(
-      [[sys.executable, "-c", _SAVE_BOTH, coordinator, str(i), str(tmp_path)] for i in range(2)],
-      env={"JAX_PLATFORMS": "cpu"})
+  processes = multiprocess.start(multiprocess.script_commands(_SAVE_BOTH, 2, str(tmp_path)),
+                                 env={"JAX_PLATFORMS": "cpu"})
   outputs = multiprocess.finish(processes, timeout=120)
   for p, (out, err) in zip(processes, outputs):
     assert p.returncode == 0, err[-5000:]

@@ -3,7 +3,6 @@ texts gathered through it from several processes (also used by the multi-process
 tests/test_train.py: each process's view of the workdir and its checkpoint listing)."""
 
 import json
-import sys
 import types
 
 import jax
@@ -37,7 +36,7 @@ def test_several_processes_without_a_client_say_to_initialize(monkeypatch):
 _GATHER = """
 import json, sys
 import jax
-jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+jax.distributed.initialize(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
 from iterfuse_jax import coordination
 me = jax.process_index()
 print(json.dumps([coordination.gather_texts("listing", f"first {me}"),
@@ -49,9 +48,7 @@ print(json.dumps([coordination.gather_texts("listing", f"first {me}"),
 
 
 def test_two_processes_gather_a_name_again_and_pair_up_by_round():
-  port = multiprocess.free_port()
-  processes = multiprocess.start(
-      [[sys.executable, "-c", _GATHER, f"localhost:{port}", str(p)] for p in range(2)])
+  processes = multiprocess.start(multiprocess.script_commands(_GATHER, 2))
   outputs = multiprocess.finish(processes, timeout=120)
   for p, (out, err) in zip(processes, outputs):
     assert p.returncode == 0, err[-3000:]

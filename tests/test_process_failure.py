@@ -2,7 +2,6 @@
 (iterfuse_jax/process_failure.py)."""
 
 import pathlib
-import sys
 import time
 
 import pytest
@@ -74,10 +73,10 @@ def test_processes_that_do_not_share_the_workdir_stop_before_training(tmp_path):
 _ENTER_AND_LEAVE = """
 import sys, time
 import jax
-jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+jax.distributed.initialize(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
 from iterfuse_jax import process_failure
 with process_failure.FailureWatch() as watch:
-  time.sleep(0.5 + int(sys.argv[2]))  # process 1 leaves later
+  time.sleep(0.5 + jax.process_index())  # process 1 leaves later
 print("thread alive after the block:", watch._thread.is_alive(), flush=True)
 """
 
@@ -87,9 +86,7 @@ def test_the_watch_ends_its_thread_when_the_run_ends_normally():
   """A thread left in the coordination client's blocking read when the interpreter exited
   aborted the process ("terminate called after throwing an instance of ''", 1 exit in 3)."""
   for _ in range(2):
-    coordinator = f"localhost:{multiprocess.free_port()}"
-    processes = multiprocess.start(
-        [[sys.executable, "-c", _ENTER_AND_LEAVE, coordinator, str(i)] for i in range(2)])
+    processes = multiprocess.start(multiprocess.script_commands(_ENTER_AND_LEAVE, 2))
     outputs = multiprocess.finish(processes, timeout=120)
     for p, (out, err) in zip(processes, outputs):
       assert p.returncode == 0 and "terminate called" not in err, err[-3000:]
@@ -99,9 +96,8 @@ def test_the_watch_ends_its_thread_when_the_run_ends_normally():
 _FAIL_AFTER_OTHERS_ENDED = """
 import sys, time
 import jax
-num_processes, failing = int(sys.argv[2]), int(sys.argv[4])
-ended = [int(p) for p in sys.argv[5].split(",")]
-jax.distributed.initialize(sys.argv[1], num_processes=num_processes, process_id=int(sys.argv[3]))
+failing, ended = int(sys.argv[4]), [int(p) for p in sys.argv[5].split(",")]
+jax.distributed.initialize(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
 from iterfuse_jax import coordination, process_failure
 me = jax.process_index()
 with process_failure.FailureWatch() as watch:
@@ -128,11 +124,9 @@ def test_a_failure_after_processes_ended_normally_ends_every_process_through_the
   then aborted them in JAX's shutdown barrier (exit 134, "Terminating process because the JAX
   distributed service detected fatal errors" and a C++ stack); with process 1 failing, process
   0 waited in the barrier for it and aborted the same way after 100 s."""
-  coordinator = f"localhost:{multiprocess.free_port()}"
   start = time.monotonic()
-  processes = multiprocess.start(
-      [[sys.executable, "-c", _FAIL_AFTER_OTHERS_ENDED, coordinator, str(num_processes), str(i),
-        str(failing), ",".join(map(str, ended))] for i in range(num_processes)])
+  processes = multiprocess.start(multiprocess.script_commands(
+      _FAIL_AFTER_OTHERS_ENDED, num_processes, str(failing), ",".join(map(str, ended))))
   outputs = multiprocess.finish(processes, timeout=120)
   print(f"all ended after {time.monotonic() - start:.0f} s")  # 1-2 s here; 26-102 s before
   errs = [err for _, err in outputs]

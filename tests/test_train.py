@@ -681,19 +681,19 @@ def test_two_processes_evaluate_a_checkpoint_like_one_process(finished_run, data
 
 
 # One Python session per process calling the library several times, as a notebook or a sweep
-# script on a cluster does: argv = coordinator address, process id, workdir, data folder.
+# script on a cluster does: argv = initialize's three arguments, workdir, data folder.
 _SESSION = """
 import json, sys
 import jax
-jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+jax.distributed.initialize(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
 from configs import demo
 from iterfuse_jax import train
-config = demo.get_config("tiny")
-config.dataset.data_dir, config.synthetic_data.enabled = sys.argv[4], False
-results = [train.train_and_evaluate(config, sys.argv[3]),
-           train.evaluate_checkpoint(config, sys.argv[3], which="latest"),
-           train.evaluate_checkpoint(config, sys.argv[3], which="best"),
-           train.train_and_evaluate(config, sys.argv[3])]
+workdir, config = sys.argv[4], demo.get_config("tiny")
+config.dataset.data_dir, config.synthetic_data.enabled = sys.argv[5], False
+results = [train.train_and_evaluate(config, workdir),
+           train.evaluate_checkpoint(config, workdir, which="latest"),
+           train.evaluate_checkpoint(config, workdir, which="best"),
+           train.train_and_evaluate(config, workdir)]
 print("RESULTS " + json.dumps(results))
 """
 
@@ -707,10 +707,7 @@ def test_processes_call_the_library_again_and_again_in_one_session(finished_run,
   _, reference, *_ = finished_run
   workdir = tmp_path / "session"
   shutil.copytree(reference, workdir)
-  port = multiprocess.free_port()
-  processes = multiprocess.start(
-      [[sys.executable, "-c", _SESSION, f"localhost:{port}", str(p), str(workdir), data_dir]
-       for p in range(2)])
+  processes = multiprocess.start(multiprocess.script_commands(_SESSION, 2, str(workdir), data_dir))
   outputs = multiprocess.finish(processes, timeout=600)
   last, best = _read_json(workdir / "metrics.json"), _read_json(workdir / "metrics_best.json")
   for p, (out, err) in zip(processes, outputs):
