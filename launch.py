@@ -22,6 +22,7 @@ Multi-host (or one process per GPU): start the same command in every process, wi
 The workdir (and data folder) must be on a filesystem every process sees.
 """
 
+import difflib
 import errno
 import gc
 import os
@@ -114,9 +115,32 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except OSError as e:
     path = config_flags.get_config_filename(FLAGS["config"])
     if not os.path.isfile(path):
-      sys.exit(f"error: --config: no config file {path} (from {os.getcwd()})")
+      sys.exit(f"error: --config: no config file {path} (from {os.getcwd()})"
+               + _config_file_suggestion(path))
     sys.exit(f"error: --config: {_config_error_text(e.__cause__ or e)}")
   return argv
+
+
+def _config_file_suggestion(path: str) -> str:
+  """'; did you mean ...?' naming the nearest config files in the folder of a missing `path`
+  (a case slip such as nyud_ifbc.py for nyud_ifbC.py, which case-insensitive file systems hide
+  until the code moves to Linux), or nothing."""
+  folder = os.path.dirname(path) or "."
+  try:
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".py") and n != "__init__.py")
+  except OSError:
+    return ""
+  wanted = os.path.basename(path)
+  by_case = {n.lower(): n for n in names}
+  if wanted.lower() in by_case:
+    close = [by_case[wanted.lower()]]
+  else:  # best first, equally close ones in alphabetical order
+    close = sorted(difflib.get_close_matches(wanted, names, n=3, cutoff=0.75),
+                   key=lambda n: (-difflib.SequenceMatcher(None, wanted, n).ratio(), n))
+  if not close:
+    return ""
+  return "; did you mean " + " or ".join(os.path.join(os.path.dirname(path), n)
+                                         for n in close) + "?"
 
 
 def _initialize_distributed() -> None:

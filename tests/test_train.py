@@ -596,7 +596,13 @@ def test_launch_with_a_misspelt_key_or_a_refused_value_exits_with_the_message(tm
 
 @pytest.mark.parametrize("config, message", [
     ("configs/nyud_ifbc.py",
-     f"error: --config: no config file configs/nyud_ifbc.py (from {REPO_ROOT})"),
+     f"error: --config: no config file configs/nyud_ifbc.py (from {REPO_ROOT}); "
+     "did you mean configs/nyud_ifbC.py?"),
+    ("configs/nyud_ifbD.py",
+     f"error: --config: no config file configs/nyud_ifbD.py (from {REPO_ROOT}); "
+     "did you mean configs/nyud_ifbA.py or configs/nyud_ifbB.py or configs/nyud_ifbC.py?"),
+    ("configs/nothing_like_it.py",
+     f"error: --config: no config file configs/nothing_like_it.py (from {REPO_ROOT})"),
     ("configs/demo.py:huge",
      "error: --config: configs/demo.py: unknown variant 'huge'; expected '' or 'tiny'"),
 ])
