@@ -266,8 +266,10 @@ class Predictor:
   def predict(self, image: np.ndarray) -> dict[str, np.ndarray]:
     """Predictions at the image's size [H, W], as the evaluation scores them.
 
-    Returns numpy arrays: segmentation [H, W] int32 class ids, depth [H, W] float32 metres,
-    saliency and edge [H, W] float32 probability, normals [H, W, 3] float32 unit vectors. They
+    Returns numpy arrays: segmentation [H, W] int32 class ids, depth [H, W] float32 metres (at
+    least `tasks.MIN_DEPTH`, as scored: the raw regression can go below 0 where it was never
+    supervised), saliency and edge [H, W] float32 probability, normals [H, W, 3] float32 unit
+    vectors. They
     are brought to the image's size in the config's eval_resize order (iterfuse_jax.eval_resizing):
     with "survey" (the default) class ids are taken at the network's size and resized by nearest
     neighbour, and saliency probabilities resized linearly and truncated to multiples of 1/255
@@ -292,8 +294,8 @@ class Predictor:
       elif kind == "normals":
         norm = np.linalg.norm(values, axis=-1, keepdims=True)
         out[task] = (values / (norm + 1e-12)).astype(np.float32)
-      else:
-        out[task] = values[..., 0].astype(np.float32)
+      else:  # depth, clamped as the survey's evaluation clamps it
+        out[task] = np.maximum(values[..., 0], task_registry.MIN_DEPTH).astype(np.float32)
     return out
 
   def colorize(self, predictions: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -49,10 +49,9 @@ import numpy as np
 from clu import metrics as clu_metrics
 
 from iterfuse_jax import tasks as task_registry
-from iterfuse_jax.tasks import IGNORE_LABEL
+from iterfuse_jax.tasks import IGNORE_LABEL, MIN_DEPTH
 
 SALIENCY_THRESHOLDS = tuple(float(t) for t in np.linspace(0.2, 0.9, 15))
-_MIN_DEPTH = 1e-9
 # The survey's normal accuracies: percentage of pixels with an angular error under each bound.
 NORMALS_ANGLE_BOUNDS = (11.25, 22.5, 30.0)
 NORMALS_BIN_DEGREES = 0.01
@@ -197,7 +196,7 @@ class DepthErrors(clu_metrics.Metric):
                         **_) -> DepthErrors:
     """predictions[task]: [B, H, W, 1] depth; labels[task]: [B, H, W] depth, 0 = invalid."""
     pred, gt = _task_inputs(cls.task, predictions, labels, 1)
-    pred = jnp.maximum(pred[..., 0].astype(jnp.float32), _MIN_DEPTH)
+    pred = jnp.maximum(pred[..., 0].astype(jnp.float32), MIN_DEPTH)
     gt = gt.astype(jnp.float32)
     valid = (_example_mask(example_mask, gt.shape[0])[:, None, None] & (gt > 0)
              & (gt != IGNORE_LABEL))

@@ -11,6 +11,10 @@ from typing import Mapping, Sequence
 
 IGNORE_LABEL = 255
 DATASETS = ("nyud", "pascal")
+# The survey scores depth predictions clamped to at least this many metres (the network's
+# regression is unbounded and goes below 0 where no label ever supervised it, e.g. windows); the
+# metrics and `Predictor.predict` both clamp so.
+MIN_DEPTH = 1e-9
 
 
 @dataclasses.dataclass(frozen=True)

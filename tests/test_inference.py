@@ -244,11 +244,36 @@ def test_network_input_is_the_eval_pipelines(predictor):
   assert got.shape == (1, *SIZE, 3) and got.dtype == np.float32
   np.testing.assert_allclose(got[0], expected, atol=1e-5)
   np.testing.assert_array_equal(predictor.network_input(big / 255.0), got)
-  # predict feeds exactly that input to the network: a network that passes its input through.
-  echo = _fake_predictor(("depth",), lambda x: {"depth": x[..., :1]}, dataset="nyud", size=SIZE)
+  # predict feeds exactly that input to the network: a network that passes its input through
+  # (shifted to positive depths, which predict returns as they are).
+  echo = _fake_predictor(("depth",), lambda x: {"depth": x[..., :1] + 5.0}, dataset="nyud",
+                         size=SIZE)
   np.testing.assert_allclose(
       echo.predict(big)["depth"],
-      jax.image.resize(expected[..., 0], big.shape[:2], "linear", antialias=False), atol=1e-5)
+      jax.image.resize(expected[..., 0] + 5.0, big.shape[:2], "linear", antialias=False),
+      atol=1e-5)
+
+
+def test_predicted_depth_is_clamped_and_scores_as_the_evaluation_scores_it():
+  """The raw regression goes below 0 where nothing supervised it (the demo's windows: down to
+  -0.54 m); predict returns what the evaluation scores, depth clamped to tasks.MIN_DEPTH."""
+  from iterfuse_jax import metrics, tasks
+
+  def ramp(x):
+    rows, cols = np.indices(x.shape[1:3])
+    return {"depth": jnp.asarray((cols - 3.5).astype(np.float32)[None, ..., None])}
+
+  depth = _fake_predictor(("depth",), ramp, dataset="nyud").predict(np.zeros((8, 8, 3)))["depth"]
+  np.testing.assert_array_equal(depth[0],
+                                np.float32([tasks.MIN_DEPTH] * 4 + [0.5, 1.5, 2.5, 3.5]))
+  label = np.full((1, 8, 8), 2.0, np.float32)
+  raw = metrics.DepthErrors.from_model_output(
+      {"depth": ramp(np.zeros((1, 8, 8, 3)))["depth"]}, {"depth": label}).compute()
+  scored = metrics.DepthErrors.from_model_output(
+      {"depth": depth[None, ..., None]}, {"depth": label}).compute()
+  assert raw.keys() == scored.keys() and raw["rmse"] > 0
+  for key in raw:
+    np.testing.assert_allclose(scored[key], raw[key], rtol=1e-6, err_msg=key)
 
 
 @pytest.mark.parametrize("image", [np.zeros((0, 5, 3), np.uint8), np.zeros((5, 0, 3), np.float32)])
