@@ -269,12 +269,12 @@ class Predictor:
     Returns numpy arrays: segmentation [H, W] int32 class ids, depth [H, W] float32 metres (at
     least `tasks.MIN_DEPTH`, as scored: the raw regression can go below 0 where it was never
     supervised), saliency and edge [H, W] float32 probability, normals [H, W, 3] float32 unit
-    vectors. They
-    are brought to the image's size in the config's eval_resize order (iterfuse_jax.eval_resizing):
-    with "survey" (the default) class ids are taken at the network's size and resized by nearest
-    neighbour, and saliency probabilities resized linearly and truncated to multiples of 1/255
-    (the survey's 8-bit files); with "logits" the logits are resized linearly and then decoded.
-    Depth, normals and edge logits are resized linearly in both orders.
+    vectors. They are brought to the image's size in the config's eval_resize order
+    (iterfuse_jax.eval_resizing): with "survey" (the default) class ids are taken at the
+    network's size and resized by nearest neighbour, and saliency probabilities resized linearly
+    and truncated to multiples of 1/255 (the survey's 8-bit files); with "logits" the logits are
+    resized linearly and then decoded. Depth, normals and edge logits are resized linearly in
+    both orders.
     """
     size = np.asarray(image).shape[:2]
     logits = self._network_logits(image)

@@ -23,6 +23,7 @@ schedule follow `torch.optim` with the reference's per-epoch rate over 12 steps 
 from __future__ import annotations
 
 import copy
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -309,14 +310,13 @@ def test_optimizer_and_schedule_follow_pytorch_over_epochs(experiment):
   training step (above) cannot tell Adam's second moment, epsilon or bias correction apart, nor
   the schedule's epoch boundaries: 12 steps over 4 epochs with varied gradients can.
   """
-  import importlib  # pylint: disable=g-import-not-at-top
   config = importlib.import_module(f"configs.{experiment}").get_config()
   config.num_epochs, epoch_steps = 4, 3
   opt = config.optimizer
   rng = np.random.default_rng(0)
   shapes = {"conv": (3, 3, 4, 5), "bias": (5,), "alpha": ()}
   params = {k: np.asarray(rng.normal(size=s)) for k, s in shapes.items()}
-  # Gradients over four orders of magnitude, so that Adam's epsilon and moments all matter.
+  # Gradient scales from 1e-6 to 1, so that Adam's epsilon and moments all matter.
   grads = [{k: np.asarray(rng.normal(size=s) * 10.0 ** rng.integers(-6, 1))
            for k, s in shapes.items()}
            for _ in range(config.num_epochs * epoch_steps)]
