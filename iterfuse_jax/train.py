@@ -658,6 +658,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   tasks = tuple(config.dataset.tasks)
   resolve_atrc_genotype(config)
   check_continues_run(config, workdir, bool(listing["checkpoints"] or listing["best"]))
+  # A bad model option fails here, before the data are written or prepared (preparing
+  # PASCAL-Context's copy takes minutes).
+  model = build_model(config)
   dataset = config.dataset.name
   with main_process_first("iterfuse: dataset ready"), warnings.catch_warnings():
     if config.synthetic_data.enabled:
@@ -693,7 +696,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       shard_count=jax.process_count())
   train_iter = iter(train_loader)
 
-  model = build_model(config)
   schedule = create_learning_rate_schedule(config, epoch_steps)
   tx = create_optimizer(config, schedule)
   input_shape = (1, *config.dataset.train_size, 3)

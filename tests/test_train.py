@@ -594,6 +594,15 @@ def test_launch_with_a_misspelt_key_or_a_refused_value_exits_with_the_message(tm
   _assert_quiet_error(result, "unknown IFB variant 'D'", str(tmp_path / "log.txt"))
 
 
+def test_a_bad_model_option_fails_before_any_data_is_written(tmp_path):
+  """Before: the synthetic data were written (a real dataset's copy prepared, minutes for
+  PASCAL-Context) and only then was the model built and the option refused."""
+  config = tiny_config("", **{"model.tpim.variant": "D", "synthetic_data.enabled": True})
+  with pytest.raises(ValueError, match="unknown IFB variant 'D'"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert (tmp_path / "run").is_dir() and not (tmp_path / "run" / "data").exists()
+
+
 @pytest.mark.parametrize("config, message", [
     ("configs/nyud_ifbc.py",
      f"error: --config: no config file configs/nyud_ifbc.py (from {REPO_ROOT}); "
