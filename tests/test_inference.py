@@ -260,7 +260,7 @@ def test_predicted_depth_is_clamped_and_scores_as_the_evaluation_scores_it():
   from iterfuse_jax import metrics, tasks
 
   def ramp(x):
-    rows, cols = np.indices(x.shape[1:3])
+    cols = np.indices(x.shape[1:3])[1]
     return {"depth": jnp.asarray((cols - 3.5).astype(np.float32)[None, ..., None])}
 
   depth = _fake_predictor(("depth",), ramp, dataset="nyud").predict(np.zeros((8, 8, 3)))["depth"]
