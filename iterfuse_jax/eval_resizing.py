@@ -8,7 +8,7 @@ canvas (`original_size` per example). Two orders of resizing and decoding exist:
   numbers): decode first, then resize with OpenCV's rule for the task, as the survey writes its
   prediction files:
     segmentation  argmax at the network's size, then nearest neighbour (OpenCV INTER_NEAREST:
-                  output pixel x reads input pixel floor(x * in / out))
+                  output pixel x reads input pixel floor(x * in / out), rounded as OpenCV does)
     binary        probability = sigmoid(logit), scaled to 0..255, resized linearly (INTER_LINEAR,
                   half-pixel centres, no antialiasing), truncated to uint8 (the PNG file), / 255
     regression    the value resized linearly (also normals and edge logits, see LINEAR_KINDS)
@@ -24,6 +24,7 @@ from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from iterfuse_jax import tasks as task_registry
 
@@ -60,24 +61,42 @@ def resize_linear_to_canvas(x: jax.Array, original_size: jax.Array,
   return jax.vmap(one)(x, original_size)
 
 
+def opencv_nearest_indices(size_in: int, sizes_out: Sequence[int], length: int) -> np.ndarray:
+  """[len(sizes_out), length] int32: row i holds the input index OpenCV's INTER_NEAREST reads for
+  each output pixel when it resizes `size_in` pixels to sizes_out[i] (entries at and past
+  sizes_out[i] are unused).
+
+  OpenCV computes it in double precision, floor(x * (1 / (n / size_in))), clipped to the input.
+  That is floor(x * size_in / n) except where x * size_in / n is a whole number that the rounded
+  reciprocal brings just below it (e.g. 512 -> 98 pixels, x = 49: 255, not 256), so it is
+  computed here as OpenCV computes it, in numpy's float64.
+  """
+  x = np.arange(length, dtype=np.float64)[None, :]
+  n = np.maximum(np.asarray(sizes_out, np.float64).reshape(-1, 1), 1.0)
+  return np.minimum(np.floor(x * (1.0 / (n / size_in))), size_in - 1).astype(np.int32)
+
+
 def resize_nearest_to_canvas(ids: jax.Array, original_size: jax.Array,
                              canvas: Sequence[int]) -> jax.Array:
   """Nearest-neighbour resize of [B, h, w] maps to the original sizes, top-left in a canvas.
 
-  Output pixel (y, x) of example b reads input pixel (floor(y * h / H_b), floor(x * w / W_b)),
-  OpenCV's INTER_NEAREST rule (computed exactly in integers), clipped to the input. Returns
-  [B, H, W] of the input's dtype; outside original_size[b] the values are padding.
+  Output pixel (y, x) of example b reads the input pixel OpenCV's INTER_NEAREST reads
+  (`opencv_nearest_indices`: floor(y * h / H_b), floor(x * w / W_b) but for OpenCV's rounding).
+  Returns [B, H, W] of the input's dtype; outside original_size[b] the values are padding.
+  original_size must be within the canvas.
   """
   h, w = ids.shape[1:3]
-  rows_out = jnp.arange(canvas[0], dtype=jnp.int32)
-  cols_out = jnp.arange(canvas[1], dtype=jnp.int32)
-
-  def one(image, hw):
-    rows = jnp.clip(rows_out * h // jnp.maximum(hw[0], 1), 0, h - 1)
-    cols = jnp.clip(cols_out * w // jnp.maximum(hw[1], 1), 0, w - 1)
-    return image[rows[:, None], cols[None, :]]
-
-  return jax.vmap(one)(ids, original_size.astype(jnp.int32))
+  if isinstance(original_size, jax.core.Tracer):
+    # Sizes known only when it runs (the jitted eval step): every size of the canvas in a table
+    # (PASCAL's 512x512 canvas: 2 MiB).
+    sizes = jnp.clip(original_size.astype(jnp.int32), 1, jnp.array(canvas[:2], jnp.int32))
+    rows = jnp.asarray(opencv_nearest_indices(h, range(canvas[0] + 1), canvas[0]))[sizes[:, 0]]
+    cols = jnp.asarray(opencv_nearest_indices(w, range(canvas[1] + 1), canvas[1]))[sizes[:, 1]]
+  else:  # concrete sizes (a photo of any size in `Predictor.predict`): only theirs
+    sizes = np.asarray(original_size)
+    rows = jnp.asarray(opencv_nearest_indices(h, sizes[:, 0], canvas[0]))
+    cols = jnp.asarray(opencv_nearest_indices(w, sizes[:, 1], canvas[1]))
+  return jax.vmap(lambda image, r, c: image[r[:, None], c[None, :]])(ids, rows, cols)
 
 
 def eval_predictions(outputs: Mapping[str, jax.Array], original_size: jax.Array,
@@ -95,8 +114,8 @@ def eval_predictions(outputs: Mapping[str, jax.Array], original_size: jax.Array,
   Returns:
     (predictions, decoded). With "survey", decoded is True and predictions are segmentation ids
     [B, H, W] int32, binary probabilities [B, H, W, 1] float32 (multiples of 1/255) and regression
-    values, normals and edge logits [B, H, W, C]; with "logits", decoded is False and every prediction is the resized
-    logits [B, H, W, C] float32.
+    values, normals and edge logits [B, H, W, C]; with "logits", decoded is False and every
+    prediction is the resized logits [B, H, W, C] float32.
   """
   check_order(order)
   predictions = {}

@@ -25,6 +25,33 @@ def test_nearest_follows_opencvs_rule_per_example():
   assert [y * 4 // 6 for y in range(6)] == [0, 0, 1, 2, 2, 3]
 
 
+def test_nearest_is_opencvs_own_at_the_sizes_where_its_rounding_shows():
+  """OpenCV computes floor(x * (1 / (out / in))) in double precision: 512 -> 98 pixels reads input
+  255 at x = 49, where 49 * 512 / 98 is exactly 256. Checked against cv2 itself (the survey's
+  save_model_predictions) for the network sizes of both datasets to every PASCAL image size."""
+  cv2 = pytest.importorskip("cv2")
+  assert 49 * 512 // 98 == 256 and eval_resizing.opencv_nearest_indices(512, [98], 98)[0, 49] == 255
+  for size_in in (512, 480, 640):
+    table = eval_resizing.opencv_nearest_indices(size_in, range(501), 500)
+    source = np.arange(size_in, dtype=np.uint16)[None, :]
+    for n in range(1, 501):
+      expected = cv2.resize(source, (n, 1), interpolation=cv2.INTER_NEAREST)[0]
+      np.testing.assert_array_equal(table[n, :n], expected, err_msg=f"{size_in} -> {n}")
+  # And through the resize, per example, with sizes known only when it runs (the jitted eval
+  # step) and with concrete ones (Predictor.predict): rows and columns where OpenCV rounds.
+  ids = jnp.arange(512, dtype=jnp.int32)[None, :, None] * 1000 + jnp.arange(512)[None, None, :]
+  ids = jnp.concatenate([ids, ids + 1])
+  sizes = jnp.array([[98, 374], [500, 98]], jnp.int32)
+  traced = jax.jit(eval_resizing.resize_nearest_to_canvas, static_argnums=2)(ids, sizes,
+                                                                              (500, 500))
+  concrete = eval_resizing.resize_nearest_to_canvas(ids, sizes, (500, 500))
+  for b, (h, w) in enumerate(np.asarray(sizes)):
+    expected = cv2.resize(np.asarray(ids[b], np.float32), (int(w), int(h)),
+                          interpolation=cv2.INTER_NEAREST).astype(np.int32)
+    np.testing.assert_array_equal(np.asarray(traced)[b, :h, :w], expected)
+    np.testing.assert_array_equal(np.asarray(concrete)[b, :h, :w], expected)
+
+
 def test_linear_matches_pytorch_bilinear_up_and_down():
   x = np.random.default_rng(0).normal(size=(2, 4, 5, 3)).astype(np.float32)
   sizes = np.array([[6, 7], [3, 2]], np.int32)
