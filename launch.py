@@ -40,6 +40,11 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
                           "eval: evaluate a checkpoint of the workdir.")
 _CHECKPOINT = flags.DEFINE_enum("checkpoint", "latest", ["latest", "best"],
                                 "Which checkpoint --mode=eval evaluates.")
+_SAVE_PREDICTIONS = flags.DEFINE_bool(
+    "save_predictions", False,
+    "--mode=eval: also write every task's prediction of every eval image to "
+    "<workdir>/predictions/<task>/ in the MTL survey code's file formats (PNG, .mat for depth); "
+    "python -m iterfuse_jax.prediction_files <workdir> scores them.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False,
     "Multi-process run: jax.distributed.initialize() takes what the flags below leave unset "
@@ -156,6 +161,10 @@ def _initialize_distributed() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _SAVE_PREDICTIONS.value and _MODE.value != "eval":
+    # Not ignored: a user who asks for the files must not find none after a long training run.
+    sys.exit("error: --save_predictions writes the predictions of a saved checkpoint: use it "
+             "with --mode=eval (after training, with --checkpoint=latest or best)")
   verbose = FLAGS["verbosity"].present
   from iterfuse_jax import console  # pylint: disable=g-import-not-at-top
 
@@ -212,7 +221,8 @@ def _run(watch, verbose: bool) -> None:
         if _MODE.value == "train":
           train.train_and_evaluate(FLAGS.config, workdir)
         else:
-          train.evaluate_checkpoint(FLAGS.config, workdir, which=_CHECKPOINT.value)
+          train.evaluate_checkpoint(FLAGS.config, workdir, which=_CHECKPOINT.value,
+                                    save_predictions=_SAVE_PREDICTIONS.value)
       finally:
         logging.info("%s", cache_use.summary(cache))
         # The data workers' batches live in shared memory, freed when their arrays are; grain

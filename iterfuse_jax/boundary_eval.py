@@ -50,17 +50,19 @@ import os
 import pathlib
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from iterfuse_jax import prediction_files
+
 # The survey's SEISM parameter file: thresholds 0.01 to 0.99 in steps of 0.01, read from "%.2f".
 SURVEY_THRESHOLDS = tuple(float(f"{k / 100:.2f}") for k in range(1, 100))
 MAX_DIST = {"nyud": 0.011, "pascal": 0.0075}
-PREDICTIONS_SUBDIR = os.path.join("predictions", "edge")
 TASK = "edge"
+PREDICTIONS_SUBDIR = os.path.join(prediction_files.WORKDIR_SUBDIR, TASK)
 
 
 def _boundary_counts_fn():
@@ -81,59 +83,6 @@ def max_dist_for(dataset: str, override: float = 0.0) -> float:
     raise ValueError(f"no boundary matching distance for dataset {dataset!r}; known: "
                      f"{sorted(MAX_DIST)} (or set config.boundary_eval.max_dist)")
   return MAX_DIST[dataset]
-
-
-# ----------------------------------------------------------------------------- predictions
-
-
-def probability_png(logits: np.ndarray, size: Sequence[int]) -> np.ndarray:
-  """Edge logits [h, w] (or [h, w, 1]) -> uint8 [H, W]: 255 * sigmoid, resized linearly to
-  `size` = (H, W), truncated to uint8 (the survey's save_model_predictions)."""
-  import cv2  # pylint: disable=g-import-not-at-top
-
-  logits = np.asarray(logits, np.float32)
-  if logits.ndim == 3 and logits.shape[-1] == 1:
-    logits = logits[..., 0]
-  if logits.ndim != 2:
-    raise ValueError(f"edge logits must be [h, w] or [h, w, 1], got shape {logits.shape}")
-  scaled = 255.0 / (1.0 + np.exp(-logits))
-  height, width = (int(s) for s in size)
-  if scaled.shape != (height, width):
-    scaled = cv2.resize(scaled, (width, height), interpolation=cv2.INTER_LINEAR)
-  return scaled.astype(np.uint8)
-
-
-def save_predictions(eval_batches: Iterable[Mapping[str, np.ndarray]],
-                     predict: Callable[[np.ndarray], np.ndarray],
-                     directory: str | os.PathLike, total: int | None = None) -> int:
-  """Writes `<image_id>.png` (`probability_png`) for every real example of the eval batches.
-
-  Args:
-    eval_batches: batches of the eval pipeline (image, original_size, example_mask, image_id).
-    predict: images [B, h, w, 3] -> edge logits [B, h, w, 1] (host arrays).
-    directory: created if needed; existing files of the same ids are replaced.
-    total: number of batches, for the progress bar.
-
-  Returns:
-    The number of predictions written.
-  """
-  # Not at the top: the spawned scoring workers import this module and need no JAX.
-  from iterfuse_jax import console  # pylint: disable=g-import-not-at-top
-
-  directory = pathlib.Path(directory)
-  directory.mkdir(parents=True, exist_ok=True)
-  count = 0
-  with console.progress(total=total, desc="edge predictions", unit="batch", leave=False) as bar:
-    for batch in eval_batches:
-      logits = np.asarray(predict(batch["image"]))
-      for i in np.flatnonzero(np.asarray(batch["example_mask"])):
-        image_id = batch["image_id"][i]
-        image_id = image_id.decode() if isinstance(image_id, bytes) else str(image_id)
-        png = probability_png(logits[i], batch["original_size"][i])
-        Image.fromarray(png, mode="L").save(directory / f"{image_id}.png")
-        count += 1
-      bar.update(1)
-  return count
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -226,7 +175,7 @@ def evaluate_directory(directory: str | os.PathLike,
   """Scores `<directory>/<image_id>.png` against each (image_id, boundary map) pair.
 
   Args:
-    directory: the saved predictions (`save_predictions`).
+    directory: the saved edge predictions (`prediction_files`: <predictions>/edge).
     ground_truths: (image_id, [H, W] boundary map) of every image of the split.
     max_dist: matching distance, fraction of the image diagonal.
     thresholds: thresholds on prediction / 255.
@@ -361,17 +310,17 @@ def _gather_counts(counts: np.ndarray, seconds: float, total: int) -> tuple[np.n
   return ordered, longest
 
 
-def run(config, workdir: str | os.PathLike, eval_batches, predict: Callable[[np.ndarray],
-                                                                              np.ndarray]
-        ) -> dict[str, float]:
+def run(config, workdir: str | os.PathLike, eval_batches,
+        predict: Callable[[np.ndarray], np.ndarray] | None) -> dict[str, float]:
   """Saves the model's edge predictions of the eval split and scores them (after training and in
   `--mode eval`). {} when the config has no edge task.
 
   Args:
     config: the run's config (dataset, boundary_eval).
-    workdir: predictions go to `<workdir>/predictions/edge/`.
+    workdir: predictions go to `<workdir>/predictions/edge/` (`prediction_files`' format).
     eval_batches: this host's eval batches (`train.create_eval_batches`).
-    predict: host images [B, h, w, 3] -> edge logits [B, h, w, 1].
+    predict: host images [B, h, w, 3] -> edge logits [B, h, w, 1]; None: every process has
+      written the files already (`prediction_files.save_split` of all tasks), score them.
 
   Returns:
     {"edge/odsF": ..., ...}, the same in every process (each scores its share of the images).
@@ -381,10 +330,13 @@ def run(config, workdir: str | os.PathLike, eval_batches, predict: Callable[[np.
   import jax  # pylint: disable=g-import-not-at-top
 
   directory = pathlib.Path(workdir) / PREDICTIONS_SUBDIR
-  save_predictions(eval_batches, predict, directory, total=len(eval_batches))
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices("boundary_eval: predictions written")
+  if predict is not None:
+    prediction_files.save_split(eval_batches, lambda images: {TASK: predict(images)},
+                                pathlib.Path(workdir) / prediction_files.WORKDIR_SUBDIR, (TASK,),
+                                total=len(eval_batches), desc="edge predictions")
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("boundary_eval: predictions written")
   return evaluate_saved(config, directory)
 
 

@@ -39,8 +39,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 # run starts and only if it is installed.
 from data_pipelines import io_utils  # numpy and PIL only
 from iterfuse_jax import (boundary_eval, console, coordination, determinism, eval_resizing,
-                          evaluations, inference, losses, metrics, out_of_memory, run_identity,
-                          stopping, summaries, visualization)
+                          evaluations, inference, losses, metrics, out_of_memory,
+                          prediction_files, run_identity, stopping, summaries, visualization)
 from iterfuse_jax import tasks as task_registry
 from iterfuse_jax.models import build, build_model, initialization
 
@@ -538,14 +538,39 @@ def add_delta_m(results: dict[str, float], config: ml_collections.ConfigDict,
 
 
 def boundary_metrics(config: ml_collections.ConfigDict, workdir: epath.Path, state: TrainState,
-                     jitted_predict: Callable, sharding: NamedSharding) -> dict[str, float]:
-  """Edge odsF over the saved predictions of the eval split (`boundary_eval`); {} without edge."""
+                     jitted_predict: Callable, sharding: NamedSharding,
+                     written: bool = False) -> dict[str, float]:
+  """Edge odsF over the saved predictions of the eval split (`boundary_eval`); {} without edge.
+
+  written: the edge files are there already (`write_prediction_files`); only score them.
+  """
 
   def predict(images: np.ndarray) -> np.ndarray:
     sharded = shard_batch({"image": images}, sharding)["image"]
     return host_rows(jitted_predict(state, sharded)[boundary_eval.TASK])
 
-  return boundary_eval.run(config, workdir, create_eval_batches(config), predict)
+  return boundary_eval.run(config, workdir, create_eval_batches(config),
+                           None if written else predict)
+
+
+def write_prediction_files(config: ml_collections.ConfigDict, directory: epath.Path,
+                     state: TrainState, jitted_predict: Callable,
+                     sharding: NamedSharding) -> int:
+  """Writes every task's prediction of every eval image to <directory>/<task>/ in the survey's
+  formats (`prediction_files`); each process writes its share, and all wait until every file is
+  there. Returns the number of images this process wrote."""
+  tasks = tuple(config.dataset.tasks)
+
+  def predict(images: np.ndarray) -> dict[str, np.ndarray]:
+    sharded = shard_batch({"image": images}, sharding)["image"]
+    return host_rows(jitted_predict(state, sharded))
+
+  eval_batches = create_eval_batches(config)
+  count = prediction_files.save_split(eval_batches, predict, directory, tasks,
+                                      total=len(eval_batches))
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("iterfuse: prediction files written")
+  return count
 
 
 def save_prediction_images(images: Mapping[str, np.ndarray], directory: epath.Path) -> None:
@@ -886,8 +911,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
-                        which: str = "latest") -> dict[str, float]:
-  """Evaluates the latest (or best) checkpoint of a workdir; prints and returns the metrics."""
+                        which: str = "latest",
+                        save_predictions: bool = False) -> dict[str, float]:
+  """Evaluates the latest (or best) checkpoint of a workdir; prints and returns the metrics.
+
+  save_predictions: also write every task's prediction of every eval image to
+  <workdir>/predictions/<task>/ in the survey's file formats (`prediction_files`, which also
+  scores such a folder).
+  """
   # pylint: disable-next=g-import-not-at-top
   from iterfuse_jax.checkpoints import RunCheckpoints
   workdir = epath.Path(workdir)
@@ -925,9 +956,18 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
       eval_batches = create_eval_batches(config)
   results = evaluate(state, jitted_eval, eval_batches, data_sharding, len(eval_batches))
   jitted_predict = jax.jit(predict_step, out_shardings=data_sharding, compiler_options=options)
-  results.update(boundary_metrics(config, workdir, state, jitted_predict, data_sharding))
+  directory = workdir / prediction_files.WORKDIR_SUBDIR
+  if save_predictions:
+    count = write_prediction_files(config, directory, state, jitted_predict, data_sharding)
+    logging.info("Wrote the predictions of %d images to %s", count, directory)
+  results.update(boundary_metrics(config, workdir, state, jitted_predict, data_sharding,
+                                  written=save_predictions))
   results = add_delta_m(results, config, tasks)
   console.line(results_table(results, f"{which} checkpoint (step {step}) of {workdir}"))
+  if save_predictions:
+    console.line(f"Predictions of the {which} checkpoint: {directory}/<task>/ "
+                 "(score them: python -m iterfuse_jax.prediction_files "
+                 f"{workdir})")
   checkpoints.close()
   return results
 

@@ -101,15 +101,6 @@ def test_split_sums_and_seism_conventions():
     boundary_eval.summarize(np.zeros((0, 4, 1)), thresholds)
 
 
-def test_probability_png_is_the_survey_encoding():
-  logits = np.zeros((4, 6, 1), np.float32)
-  logits[0, 0] = 50.0
-  png = boundary_eval.probability_png(logits, (4, 6))
-  assert png.dtype == np.uint8 and png[1, 1] == 127 and png[0, 0] == 255  # 127.5 truncated
-  big = boundary_eval.probability_png(np.full((4, 6), -2.0), (9, 13))
-  assert big.shape == (9, 13) and np.all(big == int(255 / (1 + np.exp(2.0))))
-
-
 def _write_predictions(directory, items):
   directory.mkdir(parents=True, exist_ok=True)
   for image_id, pred in items.items():

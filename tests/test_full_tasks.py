@@ -11,7 +11,7 @@ import pytest
 
 from configs import demo_rows
 from data_pipelines import synthetic
-from iterfuse_jax import compare, tasks, train
+from iterfuse_jax import compare, prediction_files, tasks, train
 from iterfuse_jax.models import build_model
 
 SIZE = (48, 64)
@@ -75,6 +75,8 @@ def test_full_task_network_trains_a_step_and_evaluates(dataset, tmp_path):
   assert saved["edge/odsF"] == results["edge/odsF"]
   predictions = sorted(p.name for p in (workdir / "predictions" / "edge").glob("*.png"))
   assert len(predictions) == 2
+  if dataset == "pascal":
+    _prediction_files_score_as_the_evaluation(config, workdir)
 
   # The comparison table has a column per task; without a full-task STL run it says what to add.
   run = compare.load_run(workdir)
@@ -105,3 +107,20 @@ def test_full_task_network_trains_a_step_and_evaluates(dataset, tmp_path):
       higher[t] * (saved[keys[t]] - references[t]) / references[t] for t in full)
   assert row[2 + len(full)] == f"{expected:+.2f}"
   assert row[2 + full.index("normals")] == f"{saved['normals/mean_angle']:.4f}"
+
+
+def _prediction_files_score_as_the_evaluation(config, workdir):
+  """`--mode eval --save_predictions` on PASCAL-Context's five tasks, whose synthetic images are
+  smaller than the network's input (so every file is resized): a file per task and image, and
+  scored from the files the metrics are the evaluation's own (normals: but for their 8-bit
+  encoding; edge: odsF's randomised matching)."""
+  evaluated = train.evaluate_checkpoint(config, str(workdir), "latest", save_predictions=True)
+  directory = workdir / prediction_files.WORKDIR_SUBDIR
+  for task in tasks.FULL_TASKS["pascal"]:
+    assert len(list((directory / task).iterdir())) == 2, task
+  rescored = prediction_files.score_split(config, directory)
+  for key in ("semseg/miou", "semseg/pixel_acc", "human_parts/miou", "sal/max_iou"):
+    np.testing.assert_allclose(rescored[key], evaluated[key], rtol=1e-6, err_msg=key)
+  assert abs(rescored["normals/mean_angle"] - evaluated["normals/mean_angle"]) < 0.5
+  assert rescored["edge/odsF"] == pytest.approx(evaluated["edge/odsF"], rel=0.02)
+  assert rescored["edge/num_images"] == 2 and "edge/loss" not in rescored

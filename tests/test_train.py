@@ -29,7 +29,8 @@ from ml_collections import config_flags
 
 from configs import demo as demo_config
 from configs import nyud_ifbC
-from iterfuse_jax import checkpoints, compare, determinism, evaluations, inference, train
+from iterfuse_jax import (checkpoints, compare, determinism, evaluations, inference,
+                          prediction_files, train)
 from tests import multiprocess, tensorboard_events
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -301,6 +302,12 @@ def test_unreadable_or_incomplete_latest_checkpoint_is_skipped(finished_run, tmp
   assert_same_run(workdir, reference, config)  # resumed from step 6
 
 
+def _remove_prediction_files(workdir: pathlib.Path) -> None:
+  """Removes the prediction files another test of the shared run may have written."""
+  for task in TINY.dataset.tasks:
+    shutil.rmtree(workdir / prediction_files.WORKDIR_SUBDIR / task, ignore_errors=True)
+
+
 def test_eval_mode_reproduces_the_last_and_the_best_evaluation(finished_run, data_dir,
                                                                 monkeypatch):
   config, workdir, *_ = finished_run
@@ -309,15 +316,32 @@ def test_eval_mode_reproduces_the_last_and_the_best_evaluation(finished_run, dat
     again = train.evaluate_checkpoint(config, str(workdir), which="latest")
   for key, value in _read_json(workdir / "metrics.json").items():
     np.testing.assert_allclose(again[key], value, rtol=1e-4, atol=1e-6, err_msg=key)
-  # As a user asks for it, with the library logs on the console (-v).
-  result = launch(*tiny_flags(data_dir, workdir), "--mode=eval", "--checkpoint=best", "-v", "0")
+  # As a user asks for it, with the library logs on the console (-v), and the prediction files.
+  _remove_prediction_files(workdir)
+  result = launch(*tiny_flags(data_dir, workdir), "--mode=eval", "--checkpoint=best", "-v", "0",
+                  "--save_predictions")
   assert result.returncode == 0, result.stderr
   best = evaluations.Evaluations(workdir).best_step()
   assert f"best checkpoint (step {best}) of {workdir}" in result.stdout
-  rmse = _read_json(workdir / "metrics_best.json")["depth/rmse"]
-  assert f"| depth/rmse | {rmse:.4f} |" in result.stdout
+  best_metrics = _read_json(workdir / "metrics_best.json")
+  assert f"| depth/rmse | {best_metrics['depth/rmse']:.4f} |" in result.stdout
   assert "launch.py" in result.stderr and any(
       line[:1] == "I" for line in result.stderr.splitlines())  # -v: INFO logs shown
+
+  # One file per task and validation image, in the survey's formats; scored from the files (the
+  # CLI a user runs on them, or on the PyTorch survey code's save_dir), the metrics are the
+  # evaluation's own.
+  predictions = workdir / "predictions"
+  assert f"Predictions of the best checkpoint: {predictions}/<task>/" in result.stdout
+  num_val = config.synthetic_data.num_val
+  assert len(list((predictions / "semseg").glob("*.png"))) == num_val
+  assert len(list((predictions / "depth").glob("*.mat"))) == num_val
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    assert prediction_files.main([str(workdir)]) == 0
+  rescored = json.loads(printed.getvalue())
+  for key in ("semseg/miou", "semseg/pixel_acc", "depth/rmse", "depth/log_rmse", "delta_m"):
+    np.testing.assert_allclose(rescored[key], best_metrics[key], rtol=1e-5, err_msg=key)
 
 
 def test_two_device_step_equals_one_device_step(data_dir):
@@ -577,6 +601,12 @@ def test_launch_without_dataset_exits_with_the_message(tmp_path):
   _assert_quiet_error(result, f"{tmp_path}/NYUD_MT")
 
 
+def test_save_predictions_outside_eval_mode_is_refused(tmp_path, data_dir):
+  result = launch(*tiny_flags(data_dir, tmp_path), "--save_predictions")
+  _assert_quiet_error(result, "--save_predictions", "--mode=eval")
+  assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
 def test_launch_eval_without_checkpoint_exits_with_the_message(tmp_path, data_dir):
   result = launch(*tiny_flags(data_dir, tmp_path / "empty"), "--mode=eval", "--checkpoint=best")
   _assert_quiet_error(result, "no best checkpoint", str(tmp_path / "empty" / "best"))
@@ -683,10 +713,16 @@ def test_two_processes_evaluate_a_checkpoint_like_one_process(finished_run, data
   process 1 waits, and the metrics are the run's own (one process, 2 devices)."""
   _, workdir, *_ = finished_run
   prepared = tmp_path / "prepared"
+  _remove_prediction_files(workdir)
   processes, outputs = _two_process_eval(data_dir, [workdir, workdir],
-                                         f"--config.dataset.prepared_dir={prepared}")
+                                         f"--config.dataset.prepared_dir={prepared}",
+                                         "--save_predictions")
   for p, (out, err) in zip(processes, outputs):
     assert p.returncode == 0, err[-3000:]
+  # Each process wrote the files of its share of the images: together, all of them.
+  for task, suffix in (("semseg", "png"), ("depth", "mat")):
+    written = list((workdir / "predictions" / task).glob(f"*.{suffix}"))
+    assert len(written) == TINY.synthetic_data.num_val, (task, written)
   step = max(checkpoints.committed_steps(workdir / "checkpoints"))
   assert f"latest checkpoint (step {step}) of {workdir}" in outputs[0][0]
   assert "checkpoint" not in outputs[1][0]  # the table is process 0's alone
