@@ -43,7 +43,6 @@ import concurrent.futures
 import contextlib
 import io
 import itertools
-import json
 import logging
 import multiprocessing
 import os
@@ -341,10 +340,6 @@ def run(config, workdir: str | os.PathLike, eval_batches,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  import ml_collections  # pylint: disable=g-import-not-at-top
-
-  from iterfuse_jax.inference import CONFIG_FILE  # pylint: disable=g-import-not-at-top
-
   parser = argparse.ArgumentParser(
       prog="python -m iterfuse_jax.boundary_eval",
       description="odsF of the edge predictions a run saved in WORKDIR/predictions/edge, against "
@@ -355,28 +350,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--max-dist", type=float, default=None,
                       help="matching distance, fraction of the diagonal (default: the dataset's)")
   args = parser.parse_args(argv)
-  workdir = pathlib.Path(args.workdir)
-  config_path = workdir / CONFIG_FILE
-  if not config_path.is_file():
-    print(f"error: {config_path} not found (the config.json a training run writes)",
-          file=sys.stderr)
-    return 1
-  config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
-  options: dict[str, Any] = dict(config.get("boundary_eval") or {})
-  if args.num_workers is not None:
-    options["num_workers"] = args.num_workers
-  if args.max_dist is not None:
-    options["max_dist"] = args.max_dist
-  config.boundary_eval = options
-  try:
-    # stdout carries only the JSON result (preparing the dataset prints to stdout).
-    with contextlib.redirect_stdout(sys.stderr):
-      results = evaluate_saved(config, workdir / PREDICTIONS_SUBDIR)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  print(json.dumps(results, indent=2, sort_keys=True))
-  return 0
+
+  def score(config) -> dict[str, float]:
+    options: dict[str, Any] = dict(config.get("boundary_eval") or {})
+    if args.num_workers is not None:
+      options["num_workers"] = args.num_workers
+    if args.max_dist is not None:
+      options["max_dist"] = args.max_dist
+    config.boundary_eval = options
+    return evaluate_saved(config, pathlib.Path(args.workdir) / PREDICTIONS_SUBDIR)
+
+  return prediction_files.score_run(args.workdir, score)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ import os
 import pathlib
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -308,11 +309,34 @@ def score_split(config, directory: str | os.PathLike) -> dict[str, float]:
   return results
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def score_run(workdir: str | os.PathLike, score: Callable[[Any], Mapping[str, float]]) -> int:
+  """The scoring commands' shared part: reads WORKDIR's config.json, runs `score(config)` and
+  prints its results as JSON, alone on stdout (preparing the dataset prints, to stderr here).
+
+  Returns the exit status: 0, or 1 after an error line for a missing config.json or a missing
+  or bad prediction file.
+  """
   import ml_collections  # pylint: disable=g-import-not-at-top
 
   from iterfuse_jax.inference import CONFIG_FILE  # pylint: disable=g-import-not-at-top
 
+  config_path = pathlib.Path(workdir) / CONFIG_FILE
+  if not config_path.is_file():
+    print(f"error: {config_path} not found (the config.json a training run writes)",
+          file=sys.stderr)
+    return 1
+  config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+  try:
+    with contextlib.redirect_stdout(sys.stderr):
+      results = score(config)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(json.dumps(results, indent=2, sort_keys=True))
+  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m iterfuse_jax.prediction_files",
       description="Scores prediction files in the survey's formats (DIR/<task>/<image id>.png, "
@@ -323,23 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="the prediction folder (default: WORKDIR/predictions, where --mode "
                            "eval --save_predictions writes)")
   args = parser.parse_args(argv)
-  workdir = pathlib.Path(args.workdir)
-  config_path = workdir / CONFIG_FILE
-  if not config_path.is_file():
-    print(f"error: {config_path} not found (the config.json a training run writes)",
-          file=sys.stderr)
-    return 1
-  config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
-  directory = pathlib.Path(args.dir) if args.dir else workdir / "predictions"
-  try:
-    # stdout carries only the JSON result (preparing the dataset prints to stdout).
-    with contextlib.redirect_stdout(sys.stderr):
-      results = score_split(config, directory)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  print(json.dumps(results, indent=2, sort_keys=True))
-  return 0
+  directory = pathlib.Path(args.dir or pathlib.Path(args.workdir) / WORKDIR_SUBDIR)
+  return score_run(args.workdir, lambda config: score_split(config, directory))
 
 
 if __name__ == "__main__":

@@ -554,8 +554,8 @@ def boundary_metrics(config: ml_collections.ConfigDict, workdir: epath.Path, sta
 
 
 def write_prediction_files(config: ml_collections.ConfigDict, directory: epath.Path,
-                     state: TrainState, jitted_predict: Callable,
-                     sharding: NamedSharding) -> int:
+                           state: TrainState, jitted_predict: Callable,
+                           sharding: NamedSharding) -> int:
   """Writes every task's prediction of every eval image to <directory>/<task>/ in the survey's
   formats (`prediction_files`); each process writes its share, and all wait until every file is
   there. Returns the number of images this process wrote."""
