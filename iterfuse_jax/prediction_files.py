@@ -100,7 +100,8 @@ def encode(task: str, output: np.ndarray, size: Sequence[int]) -> np.ndarray:
     raise ValueError(f"{task} output must have {3 if kind == 'normals' else 1} channel(s), got "
                      f"shape {output.shape}")
   if kind in ("binary", "boundary"):
-    levels = 255.0 / (1.0 + np.exp(-output[..., 0]))
+    with np.errstate(over="ignore"):  # exp of a very negative logit: inf, level 0 as it should
+      levels = 255.0 / (1.0 + np.exp(-output[..., 0]))
     return _resize(levels, size, cv2.INTER_LINEAR).astype(np.uint8)
   if kind == "regression":
     return _resize(output[..., 0], size, cv2.INTER_LINEAR).astype(np.float32)
@@ -117,11 +118,15 @@ def write(directory: str | os.PathLike, task: str, image_id: str,
   import scipy.io  # pylint: disable=g-import-not-at-top
 
   path = prediction_path(directory, task, image_id)
+  array = np.asarray(array)
+  if path.suffix == ".png" and array.dtype != np.uint8:
+    # PIL would write another PNG kind (16 or 32 bits) that the survey does not read.
+    raise ValueError(f"{task} predictions are 8-bit PNGs; got a {array.dtype} array for {path}")
   path.parent.mkdir(parents=True, exist_ok=True)
   if path.suffix == ".mat":
     scipy.io.savemat(path, {DEPTH_VARIABLE: array})
   else:
-    Image.fromarray(array, mode="RGB" if array.ndim == 3 else "L").save(path)
+    Image.fromarray(array).save(path)  # uint8: [H, W] "L", [H, W, 3] "RGB"
   return path
 
 
@@ -147,10 +152,11 @@ def read(directory: str | os.PathLike, task: str, image_id: str,
     if array.ndim == 3 and array.shape[-1] == 1:
       array = array[..., 0]
   else:
+    # 8-bit grey (or palette: the indices, as VOC-style label PNGs store class ids) or RGB.
+    modes = ("RGB",) if kind == "normals" else ("L", "P")
     with Image.open(path) as image:
-      mode = "RGB" if kind == "normals" else "L"
-      if image.mode not in (mode, "P" if mode == "L" else mode):
-        raise ValueError(f"{path} is a {image.mode} PNG; {task} predictions are {mode} "
+      if image.mode not in modes:
+        raise ValueError(f"{path} is a {image.mode} PNG; {task} predictions are {modes[0]} "
                          "(8 bits per channel)")
       array = np.asarray(image)
   expected = (*(int(s) for s in size), *((3,) if kind == "normals" else ()))

@@ -110,10 +110,10 @@ def test_full_task_network_trains_a_step_and_evaluates(dataset, tmp_path):
 
 
 def _prediction_files_score_as_the_evaluation(config, workdir):
-  """`--mode eval --save_predictions` on PASCAL-Context's five tasks, whose synthetic images are
-  smaller than the network's input (so every file is resized): a file per task and image, and
-  scored from the files the metrics are the evaluation's own (normals: but for their 8-bit
-  encoding; edge: odsF's randomised matching)."""
+  """`--mode eval --save_predictions` on PASCAL-Context's five tasks, whose synthetic images vary
+  in size (down to 7/8 of the network's input: files resized as the survey resizes them): a file
+  per task and image, and scored from the files the metrics are the evaluation's own (normals:
+  but for their 8-bit encoding; edge: odsF's randomised matching)."""
   evaluated = train.evaluate_checkpoint(config, str(workdir), "latest", save_predictions=True)
   directory = workdir / prediction_files.WORKDIR_SUBDIR
   for task in tasks.FULL_TASKS["pascal"]:

@@ -1,6 +1,8 @@
 """Prediction files in the survey's formats: encoding per task kind, the files as the survey's
 evaluation reads them, agreement with what the evaluation scores, and errors naming the file."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +21,10 @@ def test_encode_follows_the_survey_per_kind():
   assert ids.dtype == np.uint8 and ids.shape == (4, 6)
   assert ids[0, 0] == 39 and np.all(ids.ravel()[1:] == 7)
 
-  sal = prediction_files.encode("sal", np.array([[[0.0], [50.0], [-50.0]]], np.float32), (1, 3))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # no overflow warning for a logit of -1000
+    sal = prediction_files.encode("sal", np.array([[[0.0], [50.0], [-1000.0]]], np.float32),
+                                  (1, 3))
   np.testing.assert_array_equal(sal, [[127, 255, 0]])  # 255 * sigmoid, truncated: 127.5 -> 127
   edge = prediction_files.encode("edge", np.full((4, 6, 1), -2.0, np.float32), (9, 13))
   assert edge.shape == (9, 13) and np.all(edge == int(255 / (1 + np.exp(2.0))))
@@ -108,6 +113,8 @@ def test_bad_files_are_named(tmp_path):
   with pytest.raises(ValueError, match=r"semseg/x\.png has shape \(5, 6\), but image 'x' is "
                                        r"5x7: expected \(5, 7\)"):
     prediction_files.read(tmp_path, "semseg", "x", (5, 7))
+  with pytest.raises(ValueError, match=r"semseg predictions are 8-bit PNGs; got a int32 array"):
+    prediction_files.write(tmp_path, "semseg", "w", np.zeros((5, 7), np.int32))
   Image.fromarray(np.zeros((5, 7, 3), np.uint8)).save(tmp_path / "semseg" / "y.png")
   with pytest.raises(ValueError, match=r"y\.png is a RGB PNG; semseg predictions are L"):
     prediction_files.read(tmp_path, "semseg", "y", (5, 7))
