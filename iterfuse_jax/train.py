@@ -490,12 +490,18 @@ def evaluate(state: TrainState, jitted_eval: Callable, eval_batches, sharding: N
   return {name: float(value) for name, value in merged.compute().items()}
 
 
+def predict_on_host(state: TrainState, jitted_predict: Callable, images: np.ndarray,
+                    sharding: NamedSharding) -> dict[str, np.ndarray]:
+  """This host's images [B, h, w, 3] -> {task: final outputs [B, h, w, C_task]} as numpy: the
+  images sharded over "data", `jitted_predict` (predict_step), and this host's rows back."""
+  return host_rows(jitted_predict(state, shard_batch({"image": images}, sharding)["image"]))
+
+
 def summary_images(state: TrainState, jitted_predict: Callable, batch: Batch,
                    tasks: tuple[str, ...], dataset: str, count: int,
                    sharding: NamedSharding) -> dict[str, np.ndarray]:
   """Input, ground truth and prediction images ([N, H, W, 3] uint8) for the first examples."""
-  images = shard_batch({"image": batch["image"]}, sharding)["image"]
-  predictions = host_rows(jitted_predict(state, images))
+  predictions = predict_on_host(state, jitted_predict, batch["image"], sharding)
   count = min(count, len(batch["image"]))
   h, w = batch["image"].shape[1:3]
   out = {"input": visualization.denormalize_image(np.asarray(batch["image"][:count]))}
@@ -546,8 +552,7 @@ def boundary_metrics(config: ml_collections.ConfigDict, workdir: epath.Path, sta
   """
 
   def predict(images: np.ndarray) -> np.ndarray:
-    sharded = shard_batch({"image": images}, sharding)["image"]
-    return host_rows(jitted_predict(state, sharded)[boundary_eval.TASK])
+    return predict_on_host(state, jitted_predict, images, sharding)[boundary_eval.TASK]
 
   return boundary_eval.run(config, workdir, create_eval_batches(config),
                            None if written else predict)
@@ -559,15 +564,10 @@ def write_prediction_files(config: ml_collections.ConfigDict, directory: epath.P
   """Writes every task's prediction of every eval image to <directory>/<task>/ in the survey's
   formats (`prediction_files`); each process writes its share, and all wait until every file is
   there. Returns the number of images this process wrote."""
-  tasks = tuple(config.dataset.tasks)
-
-  def predict(images: np.ndarray) -> dict[str, np.ndarray]:
-    sharded = shard_batch({"image": images}, sharding)["image"]
-    return host_rows(jitted_predict(state, sharded))
-
   eval_batches = create_eval_batches(config)
-  count = prediction_files.save_split(eval_batches, predict, directory, tasks,
-                                      total=len(eval_batches))
+  count = prediction_files.save_split(
+      eval_batches, lambda images: predict_on_host(state, jitted_predict, images, sharding),
+      directory, tuple(config.dataset.tasks), total=len(eval_batches))
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("iterfuse: prediction files written")
   return count
