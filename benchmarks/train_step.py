@@ -185,6 +185,22 @@ def _max_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+# A row's progress on stderr: a process killed at its cap says which stage it had reached (the
+# GPU's first NYUD bf16 row was killed at 150 s, inside compiling: 69 s initialisation and 88 s
+# train step, which the rows log could not tell apart from a hang).
+PROGRESS = "progress:"
+
+
+def progress(text: str) -> None:
+  print(f"{PROGRESS} {text}", file=sys.stderr, flush=True)
+
+
+def last_progress(stderr: str) -> str:
+  """The last progress line a row's process wrote ("" if none)."""
+  lines = [l for l in stderr.splitlines() if l.startswith(PROGRESS)]
+  return lines[-1][len(PROGRESS):].strip() if lines else ""
+
+
 def _summary(setting: Setting, step_times: list[float], **figures: Any) -> dict:
   step_s = statistics.median(step_times)
   return {**dataclasses.asdict(setting), "step_s": step_s,
@@ -230,10 +246,12 @@ def measure_jax(setting: Setting, compile_only: bool = False) -> dict:
       config, train.steps_per_epoch(TRAIN_EXAMPLES[setting.dataset], setting.batch))
   tx = train.create_optimizer(config, schedule)
   start = time.perf_counter()
+  progress("initialising the parameters (compiling the initialisation)")
   state = train.create_train_state(config, model, tx, jax.random.key(setting.seed),
                                    (1, setting.height, setting.width, 3), mesh)
   jax.block_until_ready(state)
   init_s = time.perf_counter() - start  # the initialisation's own compile, and running it
+  progress(f"initialised in {init_s:.1f} s; tracing and lowering the train step")
   num_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
   host_batch = random_batch(setting.dataset, tasks, setting.batch, setting.height,
                             setting.width, setting.seed)
@@ -252,6 +270,7 @@ def measure_jax(setting: Setting, compile_only: bool = False) -> dict:
     # Tracing and lowering run in Python; the rest is XLA's (on a GPU: fusion, autotuning of
     # convolutions and GEMMs, kernel compilation).
     lower_s = time.perf_counter() - start
+    progress(f"lowered in {lower_s:.1f} s; compiling the train step")
     compiled = lowered.compile()
   except jax.errors.JaxRuntimeError as e:
     explained = out_of_memory.explain(e, config)
@@ -259,6 +278,7 @@ def measure_jax(setting: Setting, compile_only: bool = False) -> dict:
       raise
     raise explained from e
   compile_s = time.perf_counter() - start
+  progress(f"compiled the train step in {compile_s:.1f} s (lowering included)")
   device = jax.devices()[0]
   phases = {"compile_s": compile_s, "lower_s": lower_s, "init_s": init_s}
   if compile_only:
@@ -277,6 +297,8 @@ def measure_jax(setting: Setting, compile_only: bool = False) -> dict:
     return state, metrics, time.perf_counter() - start
 
   state, metrics, first_s = step(state)
+  progress(f"first step in {first_s:.2f} s; {setting.warmup} warm-up and {setting.steps} "
+           "timed steps")
   for _ in range(setting.warmup):
     state, metrics, _ = step(state)
   times = []
@@ -300,6 +322,8 @@ def measure_jax(setting: Setting, compile_only: bool = False) -> dict:
     # After the timing, and never fatal: a profiler that cannot start (no CUPTI, say) costs the
     # row its profile, not its figures.
     from benchmarks import profile_summary  # pylint: disable=g-import-not-at-top
+    progress(f"timed (median {statistics.median(times or [first_s]):.3f} s); profiling "
+             f"{PROFILE_STEPS} steps")
     try:
       with jax.profiler.trace(setting.profile_dir):
         for _ in range(PROFILE_STEPS):
@@ -473,7 +497,9 @@ def _measure_in_subprocess(setting: Setting, timeout_s: float | None = None,
               f"\n{stderr}\n")
   base = {**dataclasses.asdict(setting), "wall_s": wall_s}
   if timed_out:
-    return {**base, "error": f"timed out after {timeout_s:.0f} s (killed)", "timed_out": True}
+    reached = last_progress(stderr)
+    return {**base, "error": f"timed out after {timeout_s:.0f} s (killed)"
+            + (f"; last progress: {reached}" if reached else ""), "timed_out": True}
   if proc.returncode != 0:
     return {**base, "error": _last_error_line(stderr, proc.returncode)}
   try:

@@ -79,7 +79,17 @@ def test_train_step_benchmark_in_process(tmp_path, capsys):
   """Both JAX IFBs and their PyTorch counterparts in this process; ratios pair the right rows."""
   rows_file = tmp_path / "rows.json"
   assert train_step.main([*TINY, "--n-iter", "2", "--no-isolate", "--json", str(rows_file)]) == 0
-  printed = capsys.readouterr().out
+  captured = capsys.readouterr()
+  printed = captured.out
+  # Each JAX row reports its stages on stderr as it reaches them (a killed row names its last).
+  stages = [line.split(";")[0] for line in captured.err.splitlines()
+            if line.startswith(train_step.PROGRESS)]
+  one_row = ["progress: initialising the parameters (compiling the initialisation)",
+             "progress: initialised in", "progress: lowered in", "progress: compiled the train step",
+             "progress: first step in"]
+  assert len(stages) == 2 * len(one_row), stages
+  for stage, start in zip(stages, one_row * 2):
+    assert stage.startswith(start), (stage, start)
   assert printed.splitlines()[0] == TITLE
   rows = json.loads(rows_file.read_text())
   assert [(r["framework"], r["impl"], r["n_iter"]) for r in rows] == [
@@ -163,3 +173,23 @@ def test_the_backbone_choices_are_the_models_variants():
   config.model.backbone = "w32"
   with pytest.raises(ValueError, match=r"does not implement \{'model.backbone': 'w32'\}"):
     train_step.torch_port().check_config_covered(config)
+
+
+def test_a_killed_row_names_the_last_stage_it_reached(tmp_path, monkeypatch):
+  """A row killed at its cap reports how far it got, from the progress lines of its stderr."""
+  child = tmp_path / "slow_row.sh"
+  child.write_text("#!/bin/sh\necho 'progress: initialised in 69.2 s; tracing' >&2\n"
+                   "echo 'progress: lowered in 6.0 s; compiling the train step' >&2\n"
+                   "exec sleep 60\n")
+  child.chmod(0o755)
+  monkeypatch.setattr(train_step.sys, "executable", str(child))
+  setting = train_step.Setting(framework="jax", impl="materialized", dataset="nyud", height=32,
+                               width=32, batch=2, n_iter=2, variant="C", task_channels=8,
+                               dtype="float32", steps=1, warmup=0)
+  log = tmp_path / "rows.log"
+  row = train_step._measure_in_subprocess(setting, timeout_s=2, log_path=str(log))
+  assert row["timed_out"] and row["wall_s"] < 30
+  assert row["error"] == ("timed out after 2 s (killed); last progress: lowered in 6.0 s; "
+                          "compiling the train step")
+  assert "progress: initialised in 69.2 s" in log.read_text()
+  assert train_step.last_progress("no stage\n") == ""
