@@ -96,8 +96,6 @@ GPU_TESTS = (
     "tests/test_determinism.py",
 )
 TINY_TESTS = ("tests/test_losses.py",)
-# XLA's GPU compiler splits an executable's LLVM module over its threads (off by default).
-PARALLEL_LLVM_FLAG = "--xla_gpu_enable_llvm_module_compilation_parallelism=true"
 # XLA_FLAGS of the GPU tests: no autotuning of convolutions and GEMMs (XLA's default choices).
 TESTS_XLA_FLAGS = "--xla_gpu_autotune_level=0"
 # Libraries the GPU image lacks and that travel as wheels; their versions are printed.
@@ -166,14 +164,6 @@ def plan(tiny: bool, profile_dir: str, torch_device: str = "auto") -> list[Row]:
       dtype="bfloat16", precision="tf32", profile_dir=profile_dir, **nyud)
   add("nyud", "PT eager bf16", eager_cap, 30, framework="torch", impl="materialized",
       dtype="bfloat16", precision="tf32", **nyud)
-  # XLA compiles a GPU executable's kernels in one LLVM module, one after the other, unless
-  # asked to split it over its threads: 2539 kernels for the initialisation alone (mostly one
-  # random-number kernel per parameter tensor), 69 s. The same row with the module split, in a
-  # process with no cache: its init_s and compile_s against the row above (same kernels, so the
-  # same step time).
-  add("nyud", "JAX bf16 parallel LLVM", cold_cap, cold_min, cache=NO_CACHE,
-      xla_flags=PARALLEL_LLVM_FLAG, framework="jax", impl="materialized", dtype="bfloat16",
-      precision="tf32", **nyud)
   add("nyud", "PT compile bf16", compile_cap, compile_min, framework="torch",
       impl="materialized", dtype="bfloat16", precision="tf32", torch_mode="compile", **nyud)
   # Where the JAX compile's time goes (85 s for this step on the H200's first visit; 57 s on a
@@ -748,14 +738,12 @@ def targets(results: list[dict], tiny: bool) -> list[str]:
 def compile_verdict(results: list[dict]) -> str:
   """Where the NYUD bf16 step's compile time goes (tracing and lowering in Python, then XLA), and
   what autotuning costs and buys: the step compiled with XLA's defaults against the same step
-  compiled without autotuning, and with XLA's LLVM module split over its threads (the
-  initialisation's compile too, which both of those rows do themselves)."""
+  compiled without autotuning (and the initialisation's compile, which both rows do
+  themselves)."""
   rows = {r["label"]: r for r in results if r.get("group") == "nyud" and "step_s" in r}
   lines = ["compile of the NYUD bf16 train step:"]
   xla_s, step_s, init_s = {}, {}, {}
-  settings = (("XLA defaults", "JAX bf16"), ("without autotuning", "JAX bf16 autotune 0"),
-              ("LLVM module split", "JAX bf16 parallel LLVM"))
-  for name, label in settings:
+  for name, label in (("XLA defaults", "JAX bf16"), ("without autotuning", "JAX bf16 autotune 0")):
     r = rows.get(label)
     if r is None or "lower_s" not in r:
       lines.append(f"  {name}: not measured")
@@ -767,11 +755,11 @@ def compile_verdict(results: list[dict]) -> str:
                  f"+ {xla_s[name]:.1f} s in XLA"
                  + (" (compiled ahead, during the tests)" if "precompile_s" in r else "")
                  + f"; step {r['step_s'] * 1e3:.1f} ms; initialisation {r['init_s']:.1f} s")
-  for name in ("without autotuning", "LLVM module split"):
-    if name in xla_s and "XLA defaults" in xla_s:
-      lines.append(f"  {name}: XLA's part {xla_s[name] / max(xla_s['XLA defaults'], 1e-9):.2f}x, "
-                   f"the initialisation {init_s[name] / max(init_s['XLA defaults'], 1e-9):.2f}x, "
-                   f"the step {step_s[name] / step_s['XLA defaults']:.3f}x the defaults'")
+  if len(xla_s) == 2:
+    name = "without autotuning"
+    lines.append(f"  {name}: XLA's part {xla_s[name] / max(xla_s['XLA defaults'], 1e-9):.2f}x, "
+                 f"the initialisation {init_s[name] / max(init_s['XLA defaults'], 1e-9):.2f}x, "
+                 f"the step {step_s[name] / step_s['XLA defaults']:.3f}x the defaults'")
   return "\n".join(lines)
 
 

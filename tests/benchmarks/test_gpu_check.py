@@ -88,23 +88,12 @@ def test_plan_puts_the_nyud_comparison_first_at_the_paper_shapes():
 
 def test_plan_compiles_the_first_row_again_without_autotuning():
   rows = gpu_check.plan(tiny=False, profile_dir="/tmp/p")
-  (fast,) = [r for r in rows if "autotune" in r.xla_flags]
+  (fast,) = [r for r in rows if r.xla_flags]
   assert fast.xla_flags == "--xla_gpu_autotune_level=0"
   # Compiled by a process of its own (no cached executable, no autotuning results to load).
   assert fast.cache == gpu_check.NO_CACHE and fast.group == "nyud"
   assert fast.setting == dataclasses.replace(rows[0].setting, profile_dir="")
   assert rows.index(fast) <= 5
-
-
-def test_plan_compiles_the_first_row_again_with_the_llvm_module_split():
-  rows = gpu_check.plan(tiny=False, profile_dir="/tmp/p")
-  (split,) = [r for r in rows if "llvm" in r.xla_flags]
-  assert split.xla_flags == "--xla_gpu_enable_llvm_module_compilation_parallelism=true"
-  # Its compile times against the first row's: both compile the initialisation and the step
-  # themselves, right after the first comparison with PyTorch.
-  assert split.cache == gpu_check.NO_CACHE and rows.index(split) == 2
-  assert split.setting == dataclasses.replace(rows[0].setting, profile_dir="")
-  assert split.cap_s == rows[0].cap_s
 
 
 def test_from_row_goes_on_where_a_first_command_stopped(tmp_path, monkeypatch):
@@ -194,14 +183,6 @@ def test_compile_verdict():
           "30.0 s in XLA; step 200.0 ms") in text
   assert ("without autotuning: XLA's part 0.38x, the initialisation 0.62x, the step 1.250x "
           "the defaults'") in text
-  assert "LLVM module split: not measured" in text
-  split = {**_row("JAX bf16 parallel LLVM", "jax", 50.0), "compile_s": 30.0, "lower_s": 10.0,
-           "init_s": 2.0}
-  text = gpu_check.compile_verdict([default, split])
-  assert ("LLVM module split (JAX bf16 parallel LLVM): 30.0 s = 10.0 s tracing and lowering + "
-          "20.0 s in XLA; step 160.0 ms; initialisation 2.0 s") in text
-  assert ("LLVM module split: XLA's part 0.25x, the initialisation 0.25x, the step 1.000x the "
-          "defaults'") in text
   text = gpu_check.compile_verdict([default])
   assert "without autotuning: not measured" in text and "XLA's part" not in text
 
