@@ -123,6 +123,10 @@ class Row:
   # XLA_FLAGS of the row's process, added to the visit's own (a row with flags of its own is not
   # precompiled: JAX's cache key includes them).
   xla_flags: str = ""
+  # A JAX row that also compiles the parameters' initialisation (no earlier row of the command
+  # compiled it into the row's cache) gets these instead of cap_s / min_s (0: the same).
+  cold_cap_s: float = 0.0
+  cold_min_s: float = 0.0
 
 
 def _shape(dataset: str, tiny: bool) -> dict:
@@ -142,14 +146,15 @@ def plan(tiny: bool, profile_dir: str, torch_device: str = "auto") -> list[Row]:
   rows = []
 
   def add(group, label, cap_s, min_s, cache=SHARED_CACHE, xla_flags="", **kwargs):
+    cold = (cold_cap, cold_min) if kwargs["framework"] == "jax" else (0.0, 0.0)
     rows.append(Row(group, label, Setting(variant="C", torch_device=torch_device, **kwargs),
-                    cap_s, min_s, cache, xla_flags))
+                    cap_s, min_s, cache, xla_flags, *cold))
 
   jax_cap, eager_cap, compile_cap = (240, 120, 300) if tiny else (150, 120, 270)
-  # A JAX row that compiles everything itself: the visit's first (nothing cached yet) and those
-  # without the shared cache. On the second visit's H200 the first row compiled the
-  # initialisation for 69 s and the train step for 88 s, and its 150 s cap killed it; rows after
-  # it load the initialisation from the cache (12 s).
+  # A JAX row that compiles the initialisation too (`run_rows` knows which): on the second
+  # visit's H200 the first row compiled it for 69 s and the train step for 88 s, and its 150 s
+  # cap killed it; the next row with the same model loaded the initialisation from the cache
+  # (12 s).
   cold_cap, cold_min = (240, 30) if tiny else (240, 190)
   # torch.compile's NYUD row took 176 s on the H200 (compiling, then 12 steps): one started with
   # less time left is only killed.
@@ -160,7 +165,7 @@ def plan(tiny: bool, profile_dir: str, torch_device: str = "auto") -> list[Row]:
   jax_min = 30 if tiny else 100
   nyud, pascal = _shape("nyud", tiny), _shape("pascal", tiny)
   # NYUD at the paper's shape: each side at its best and in float32 (both TF32), first.
-  add("nyud", "JAX bf16", cold_cap, cold_min, framework="jax", impl="materialized",
+  add("nyud", "JAX bf16", jax_cap, jax_min, framework="jax", impl="materialized",
       dtype="bfloat16", precision="tf32", profile_dir=profile_dir, **nyud)
   add("nyud", "PT eager bf16", eager_cap, 30, framework="torch", impl="materialized",
       dtype="bfloat16", precision="tf32", **nyud)
@@ -170,7 +175,7 @@ def plan(tiny: bool, profile_dir: str, torch_device: str = "auto") -> list[Row]:
   # 2-core CPU, 11 of them tracing and lowering): the same step compiled by a process of its own
   # without autotuning (cuDNN's and XLA's heuristic choice of kernels), its compile time and its
   # step time against the row above.
-  add("nyud", "JAX bf16 autotune 0", cold_cap, cold_min, cache=NO_CACHE,
+  add("nyud", "JAX bf16 autotune 0", jax_cap, jax_min, cache=NO_CACHE,
       xla_flags="--xla_gpu_autotune_level=0", framework="jax", impl="materialized",
       dtype="bfloat16", precision="tf32", **nyud)
   add("nyud", "JAX f32 TF32", jax_cap, jax_min, framework="jax", impl="materialized",
@@ -229,9 +234,7 @@ def plan(tiny: bool, profile_dir: str, torch_device: str = "auto") -> list[Row]:
                                       ("JAX bf16 cache", False, "rerun"),
                                       ("JAX bf16 deterministic", True, NO_CACHE)):
     for run in (1, 2):
-      cold = cache == NO_CACHE or run == 1
-      add("determinism", f"{label} run {run}", cold_cap if cold else jax_cap,
-          cold_min if cold else max(60, jax_min), cache=cache,
+      add("determinism", f"{label} run {run}", jax_cap, max(60, jax_min), cache=cache,
           framework="jax", impl="materialized", dtype="bfloat16", precision="tf32",
           deterministic=deterministic, **rerun)
   return rows
@@ -594,6 +597,28 @@ def _row_line(result: dict) -> str:
   return ", ".join(parts)
 
 
+def init_cache_key(row: Row) -> tuple | None:
+  """What decides whether a JAX row finds the parameters' initialisation compiled in its cache.
+
+  The initialisation's module holds only the initialisers (JAX drops the unused forward pass when
+  it lowers it), so rows of one model share it whatever their dtype, IFB or image size; the cache
+  key also covers XLA's flags and compile options (config.deterministic) and the matmul
+  precision. None: a row without a cache, which always compiles it.
+  """
+  if row.cache == NO_CACHE or row.setting.framework != "jax":
+    return None
+  s = row.setting
+  return (row.cache, row.xla_flags, s.dataset, s.backbone, s.task_channels, s.variant,
+          s.deterministic, s.precision)
+
+
+def _initialisation_compiled(result: dict) -> bool:
+  """Whether a row's process got past compiling the initialisation (also one killed later)."""
+  error = result.get("error", "")
+  return "init_s" in result or ("last progress: " in error
+                                and f"last progress: {train_step.INIT_STAGE}" not in error)
+
+
 def run_rows(rows: Sequence[Row], clock: Clock, env: dict[str, str], log: pathlib.Path,
              reserve_s: float, allow_torch_compile: bool,
              on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
@@ -602,9 +627,14 @@ def run_rows(rows: Sequence[Row], clock: Clock, env: dict[str, str], log: pathli
   visit saves them: a command killed at its limit keeps the rows it finished)."""
   uncached_env = {k: v for k, v in env.items() if not k.startswith(CACHE_VARIABLES)}
   own_caches = {}  # name: folder
+  initialised = set()  # init_cache_key of the rows whose initialisation is in their cache
   results = []
   for row in rows:
     left = clock.left() - reserve_s
+    key = init_cache_key(row)
+    if row.setting.framework == "jax" and key not in initialised and row.cold_cap_s:
+      row = dataclasses.replace(row, cap_s=max(row.cap_s, row.cold_cap_s),
+                                min_s=max(row.min_s, row.cold_min_s))
     base = {"group": row.group, "label": row.label, "cache": row.cache,
             **dataclasses.asdict(row.setting)}
     if row.cache == SHARED_CACHE:
@@ -634,6 +664,8 @@ def run_rows(rows: Sequence[Row], clock: Clock, env: dict[str, str], log: pathli
         result = {k: v for k, v in result.items() if k != "error"}
         result["skipped"] = (f"out of time budget (killed after {left:.0f} s, before its "
                              f"{row.cap_s:.0f} s cap)")
+      if key is not None and _initialisation_compiled(result):
+        initialised.add(key)
       results.append({**result, **base})
       print(f"[{clock.elapsed():5.0f} s]   {_row_line(result)}", flush=True)
     if on_row is not None:

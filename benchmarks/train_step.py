@@ -191,6 +191,11 @@ def _max_rss_bytes() -> int:
 PROGRESS = "progress:"
 
 
+# The first stage; every later one means the initialisation is compiled (and in the persistent
+# compilation cache, where the row has one).
+INIT_STAGE = "initialising the parameters"
+
+
 def progress(text: str) -> None:
   print(f"{PROGRESS} {text}", file=sys.stderr, flush=True)
 
@@ -246,7 +251,7 @@ def measure_jax(setting: Setting, compile_only: bool = False) -> dict:
       config, train.steps_per_epoch(TRAIN_EXAMPLES[setting.dataset], setting.batch))
   tx = train.create_optimizer(config, schedule)
   start = time.perf_counter()
-  progress("initialising the parameters (compiling the initialisation)")
+  progress(f"{INIT_STAGE} (compiling the initialisation)")
   state = train.create_train_state(config, model, tx, jax.random.key(setting.seed),
                                    (1, setting.height, setting.width, 3), mesh)
   jax.block_until_ready(state)
