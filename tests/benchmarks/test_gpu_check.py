@@ -283,7 +283,8 @@ def test_rows_that_compile_the_initialisation_get_the_longer_cap(monkeypatch, tm
     return {**setting.__dict__, "step_s": 0.1, "images_per_s": 80.0, "init_s": 1.0}
 
   monkeypatch.setattr(gpu_check.train_step, "_measure_in_subprocess", fake_measure)
-  by_key = {gpu_check._key(r): r for r in gpu_check.plan(tiny=False, profile_dir="")}  # pylint: disable=protected-access
+  plan = gpu_check.plan(tiny=False, profile_dir="")
+  by_key = {gpu_check._key(r): r for r in plan}  # pylint: disable=protected-access
   order = ["nyud: JAX bf16", "nyud: JAX bf16", "nyud: PT eager bf16", "nyud: JAX f32 TF32",
            "nyud: JAX bf16 autotune 0", "pascal: JAX bf16", "pascal: JAX f32 TF32",
            "determinism: JAX bf16 cache run 1", "determinism: JAX bf16 cache run 2",

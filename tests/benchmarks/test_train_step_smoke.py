@@ -85,8 +85,8 @@ def test_train_step_benchmark_in_process(tmp_path, capsys):
   stages = [line.split(";")[0] for line in captured.err.splitlines()
             if line.startswith(train_step.PROGRESS)]
   one_row = ["progress: initialising the parameters (compiling the initialisation)",
-             "progress: initialised in", "progress: lowered in", "progress: compiled the train step",
-             "progress: first step in"]
+             "progress: initialised in", "progress: lowered in",
+             "progress: compiled the train step", "progress: first step in"]
   assert len(stages) == 2 * len(one_row), stages
   for stage, start in zip(stages, one_row * 2):
     assert stage.startswith(start), (stage, start)
