@@ -632,7 +632,7 @@ def run_rows(rows: Sequence[Row], clock: Clock, env: dict[str, str], log: pathli
   for row in rows:
     left = clock.left() - reserve_s
     key = init_cache_key(row)
-    if row.setting.framework == "jax" and key not in initialised and row.cold_cap_s:
+    if row.cold_cap_s and key not in initialised:
       row = dataclasses.replace(row, cap_s=max(row.cap_s, row.cold_cap_s),
                                 min_s=max(row.min_s, row.cold_min_s))
     base = {"group": row.group, "label": row.label, "cache": row.cache,

@@ -326,16 +326,11 @@ def run(config, workdir: str | os.PathLike, eval_batches,
   """
   if TASK not in tuple(config.dataset.tasks):
     return {}
-  import jax  # pylint: disable=g-import-not-at-top
-
   directory = pathlib.Path(workdir) / PREDICTIONS_SUBDIR
   if predict is not None:
     prediction_files.save_split(eval_batches, lambda images: {TASK: predict(images)},
                                 pathlib.Path(workdir) / prediction_files.WORKDIR_SUBDIR, (TASK,),
                                 total=len(eval_batches), desc="edge predictions")
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      multihost_utils.sync_global_devices("boundary_eval: predictions written")
   return evaluate_saved(config, directory)
 
 

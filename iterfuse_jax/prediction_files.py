@@ -226,6 +226,9 @@ def save_split(eval_batches: Iterable[Mapping[str, np.ndarray]],
                total: int | None = None, desc: str = "predictions") -> int:
   """Writes the file of every task for every real example of the eval batches.
 
+  Each process writes its own share (its eval batches); with several processes it returns once
+  every process has written its files, so that what follows (scoring) sees the whole split.
+
   Args:
     eval_batches: batches of the eval pipeline (image, original_size, example_mask, image_id).
     predict: images [B, h, w, 3] -> {task: final outputs [B, h, w, C_task]} (host arrays).
@@ -249,6 +252,10 @@ def save_split(eval_batches: Iterable[Mapping[str, np.ndarray]],
           write(directory, task, image_id, encode(task, outputs[task][i], size))
         count += 1
       bar.update(1)
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f"prediction_files: {desc} written")
   return count
 
 

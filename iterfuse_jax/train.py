@@ -565,12 +565,9 @@ def write_prediction_files(config: ml_collections.ConfigDict, directory: epath.P
   formats (`prediction_files`); each process writes its share, and all wait until every file is
   there. Returns the number of images this process wrote."""
   eval_batches = create_eval_batches(config)
-  count = prediction_files.save_split(
+  return prediction_files.save_split(
       eval_batches, lambda images: predict_on_host(state, jitted_predict, images, sharding),
       directory, tuple(config.dataset.tasks), total=len(eval_batches))
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("iterfuse: prediction files written")
-  return count
 
 
 def save_prediction_images(images: Mapping[str, np.ndarray], directory: epath.Path) -> None:
