@@ -10,6 +10,7 @@ the others wait at a barrier until the data it prepares is there).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import json
@@ -249,20 +250,28 @@ def abstract_train_state(config: ml_collections.ConfigDict, model, tx,
                       abstract)
 
 
+def load_pretrained_backbone(config: ml_collections.ConfigDict) -> PyTree | None:
+  """The converted ImageNet backbone `config.model.pretrained` names ({"params", "batch_stats"}),
+  or None without one; a wrong folder or variant raises a ValueError naming it."""
+  if not config.model.pretrained:
+    return None
+  from iterfuse_jax import convert_imagenet  # pylint: disable=g-import-not-at-top
+  return convert_imagenet.load_backbone_variables(config.model.pretrained, config.model.backbone)
+
+
 def create_train_state(config: ml_collections.ConfigDict, model, tx, rng: jax.Array,
-                       input_shape: tuple[int, ...], mesh: Mesh) -> TrainState:
+                       input_shape: tuple[int, ...], mesh: Mesh, *,
+                       pretrained: PyTree | None = None) -> TrainState:
   """Initialises parameters, BatchNorm statistics and optimiser state, replicated on `mesh`.
 
   It compiles and runs the initialisation (not to be traced: abstract_train_state gives the
   state's shapes without computing it). A converted ImageNet backbone (`config.model.pretrained`)
   is read before the initialisation is compiled, so that a wrong folder or variant is reported in
-  seconds, not after the compile.
+  seconds, not after the compile; `pretrained` is that backbone already read
+  (`load_pretrained_backbone`).
   """
-  pretrained = None
-  if config.model.pretrained:
-    from iterfuse_jax import convert_imagenet  # pylint: disable=g-import-not-at-top
-    pretrained = convert_imagenet.load_backbone_variables(config.model.pretrained,
-                                                          config.model.backbone)
+  if pretrained is None:
+    pretrained = load_pretrained_backbone(config)
 
   replicated = NamedSharding(mesh, PartitionSpec())
   options = {**(determinism.compiler_options(config) or {}), **INIT_COMPILER_OPTIONS}
@@ -272,6 +281,75 @@ def create_train_state(config: ml_collections.ConfigDict, model, tx, rng: jax.Ar
   if pretrained is not None:
     state = insert_pretrained_backbone(state, pretrained, config.model.pretrained, replicated)
   return state
+
+
+def compile_in_background(jitted: Callable, *args: Any,
+                          name: str = "the step") -> concurrent.futures.Future:
+  """Starts compiling `jitted` for `args` on a thread of its own.
+
+  Args:
+    jitted: a `jax.jit` function.
+    *args: its arguments, arrays or `jax.ShapeDtypeStruct`s with their shardings.
+    name: what it is, for the log.
+
+  Returns:
+    A future whose result is the compiled function (`jax.stages.Compiled`; it takes arguments
+    of exactly these shapes, dtypes and shardings) or the compile's exception. XLA releases the
+    GIL while it compiles, so the caller's own compiles and computations run meanwhile.
+
+  The thread is not a daemon: an interpreter that exits while XLA is compiling on a daemon thread
+  aborts ("FATAL: exception not rethrown"), so a process that fails or is interrupted meanwhile
+  exits once the compile ends, as it does today when Ctrl-C arrives during a compile.
+  """
+
+  def compile_step():
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    logging.info("Compiled %s in %.1f s (in the background)", name,
+                 time.perf_counter() - start)
+    return compiled
+
+  executor = concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                   thread_name_prefix="compile")
+  try:
+    return executor.submit(compile_step)
+  finally:
+    executor.shutdown(wait=False)  # the thread ends with its one task
+
+
+def initialise_while_compiling(config: ml_collections.ConfigDict, model, tx, rng: jax.Array,
+                               input_shape: tuple[int, ...], mesh: Mesh, jitted_train: Callable,
+                               abstract_state: TrainState, batch: Batch, *,
+                               pretrained: PyTree | None = None
+                               ) -> tuple[TrainState, jax.stages.Compiled]:
+  """A new run's train state (create_train_state), and its train step compiled meanwhile.
+
+  The step compiles on another thread while this one compiles and runs the initialisation: two
+  independent XLA compiles of about the same length (on an H200, the paper's NYUD model's took
+  69 s and 88 s one after the other; on a 2-core CPU the demo's took 29-31 s and 58-59 s, 88-89
+  s in all, and 66-74 s at once: benchmarks/startup.py).
+
+  Args:
+    jitted_train: the `jax.jit` train step; abstract_state: the state's shapes and shardings
+      (abstract_train_state); batch: a batch of the run (arrays or ShapeDtypeStructs, sharded).
+    pretrained: as create_train_state's.
+
+  Returns:
+    (state, the compiled train step).
+  """
+  compiling = compile_in_background(jitted_train, abstract_state, batch, name="the train step")
+  start = time.perf_counter()
+  try:
+    state = create_train_state(config, model, tx, rng, input_shape, mesh, pretrained=pretrained)
+    jax.block_until_ready(state)
+  except BaseException:
+    if not compiling.done():
+      console.line("(The train step is still compiling on another thread; XLA cannot be "
+                   "interrupted, so the process ends when it is done.)")
+    raise
+  logging.info("Initialised the train state in %.1f s (compiling included)",
+               time.perf_counter() - start)
+  return state, compiling.result()
 
 
 def insert_pretrained_backbone(state: TrainState, backbone: PyTree, source: str,
@@ -290,8 +368,9 @@ def insert_pretrained_backbone(state: TrainState, backbone: PyTree, source: str,
       {"params": state.params, "batch_stats": state.batch_stats}, backbone)
   variables = jax.device_put(variables, sharding)
   logging.info("Initialised %s from %s", ", ".join("/".join(p) for p in paths), source)
+  # tx.init makes its step counters on the default device: replicated like the rest.
   return state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
-                       opt_state=state.tx.init(variables["params"]))
+                       opt_state=jax.device_put(state.tx.init(variables["params"]), sharding))
 
 
 def prepare_synthetic_data(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
@@ -721,15 +800,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   schedule = create_learning_rate_schedule(config, epoch_steps)
   tx = create_optimizer(config, schedule)
   input_shape = (1, *config.dataset.train_size, 3)
+  abstract_state = abstract_train_state(config, model, tx, input_shape, mesh)
+  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+  options = determinism.compiler_options(config)
+  jitted_train = jax.jit(
+      functools.partial(train_step, tasks=tasks, loss_weights=dict(config.loss_weights),
+                        schedule=schedule, seed=int(config.seed)),
+      in_shardings=(state_sharding, data_sharding), out_shardings=(state_sharding, replicated),
+      donate_argnums=(0,), compiler_options=options)
   checkpoints = RunCheckpoints(workdir, config.keep_checkpoints)
   # A resumed run restores into the state's structure; only a new run initialises one.
-  restored = checkpoints.restore_latest(
-      abstract_train_state(config, model, tx, input_shape, mesh), train_iter)
+  restored = checkpoints.restore_latest(abstract_state, train_iter)
   start_step = 0
+  first_batch = None  # a new run's first batch, taken before the loop
   if restored is not None:
     state, start_step = restored
+    train_fn = jitted_train  # compiles (or loads) at the first step
   else:
-    state = create_train_state(config, model, tx, jax.random.key(config.seed), input_shape, mesh)
+    pretrained = load_pretrained_backbone(config)  # a wrong folder fails before any compile
+    # The step is compiled for the batch's shapes and shardings.
+    first_batch = shard_batch(next(train_iter), data_sharding)
+    try:
+      state, train_fn = initialise_while_compiling(
+          config, model, tx, jax.random.key(config.seed), input_shape, mesh, jitted_train,
+          abstract_state, first_batch, pretrained=pretrained)
+    except jax.errors.JaxRuntimeError as e:  # XLA may refuse the step's memory as it compiles
+      explained = out_of_memory.explain(e, config)
+      if explained is None:
+        raise
+      raise explained from e
   last_saved = start_step if restored is not None else None
   if start_step > total_steps:
     raise WorkdirError(f"the newest checkpoint in {workdir / 'checkpoints'} is of step "
@@ -746,15 +845,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer = summaries.create_writer(str(workdir), just_logging=not main, use_tensorflow=use_clu)
   if start_step == 0:
     writer.write_hparams(_flat_hparams(config))
-  state_sharding = jax.tree.map(lambda _: replicated, state)
-  options = determinism.compiler_options(config)
-  jitted_train = jax.jit(
-      functools.partial(train_step, tasks=tasks, loss_weights=dict(config.loss_weights),
-                        schedule=schedule, seed=int(config.seed)),
-      in_shardings=(state_sharding, data_sharding), out_shardings=(state_sharding, replicated),
-      donate_argnums=(0,), compiler_options=options)
   # An out-of-memory error of the materialized IFB names the streamed option.
-  jitted_train = out_of_memory.with_hint(jitted_train, config)
+  train_fn = out_of_memory.with_hint(train_fn, config)
   metrics_cls = metrics.make_eval_metrics(tasks, dataset)
   # Replicated results: every host computes the same metrics and takes the same decisions.
   jitted_eval = jax.jit(functools.partial(eval_step, tasks=tasks, metrics_cls=metrics_cls,
@@ -827,13 +919,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with console.progress(total=total_steps, initial=start_step, desc="train") as bar:
       for step in range(start_step + 1, total_steps + 1):
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
-          fetch_start = time.perf_counter()
-          batch = next(train_iter)
-          input_s += time.perf_counter() - fetch_start
-          batch = shard_batch(batch, data_sharding)
+          if first_batch is not None:
+            batch, first_batch = first_batch, None
+          else:
+            fetch_start = time.perf_counter()
+            batch = next(train_iter)
+            input_s += time.perf_counter() - fetch_start
+            batch = shard_batch(batch, data_sharding)
           call_start = time.perf_counter()
-          state, step_metrics = jitted_train(state, batch)
-          if step == start_step + 1:  # the call compiles (or loads) the step, then dispatches it
+          state, step_metrics = train_fn(state, batch)
+          # The first call of a resumed run compiles (or loads) the step; every first call
+          # waits for its results (out_of_memory.with_hint).
+          if step == start_step + 1:
             excluded_s += time.perf_counter() - call_start
         train_metrics.append(step_metrics)
         for hook in hooks:

@@ -7,6 +7,7 @@ import functools
 import glob
 import io
 import json
+import logging
 import os
 import pathlib
 import random
@@ -15,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 
 import jax
@@ -30,7 +32,7 @@ from ml_collections import config_flags
 from configs import demo as demo_config
 from configs import nyud_ifbC
 from iterfuse_jax import (checkpoints, compare, determinism, evaluations, inference,
-                          prediction_files, train)
+                          out_of_memory, prediction_files, train)
 from tests import multiprocess, tensorboard_events
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -211,6 +213,79 @@ def test_killed_run_resumes_mid_epoch_exactly(finished_run, tmp_path, data_dir, 
   monkeypatch.setattr(train, "create_train_state", _must_not_initialise)
   train.train_and_evaluate(config, str(tmp_path))
   assert_same_run(tmp_path, reference, config)
+
+
+def test_a_new_run_compiles_its_train_step_once_while_it_initialises(finished_run, tmp_path,
+                                                                     caplog):
+  """A new run compiles its train step on a thread of its own while the main thread compiles
+  and runs the initialisation, and the loop runs that executable: the step is lowered once
+  (not again at the first step), its compile starts before the initialisation's has ended,
+  and the run is the uninterrupted run of the fixture, bit for bit."""
+  config, reference, *_ = finished_run
+  jax.config.update("jax_log_compiles", True)  # a global flag: the compile thread sees it
+  try:
+    with caplog.at_level(logging.WARNING), contextlib.redirect_stdout(io.StringIO()):
+      train.train_and_evaluate(config, str(tmp_path))
+  finally:
+    jax.config.update("jax_log_compiles", False)
+  logged = [(r.threadName, r.getMessage(), r.created) for r in caplog.records]
+
+  def events(text):
+    return [(thread, created) for thread, message, created in logged if text in message]
+
+  step_lowered = events("Compiling jit(train_step) ")
+  init_done = events("compilation of jit(init) ")
+  assert len(step_lowered) == 1, [m[:80] for _, m, _ in logged]
+  assert len(init_done) == 1, [m[:80] for _, m, _ in logged]
+  (step_thread, step_start), (init_thread, init_end) = step_lowered[0], init_done[0]
+  assert step_thread.startswith("compile") and init_thread == "MainThread"
+  assert step_start < init_end
+  assert_same_run(tmp_path, reference, config)
+
+
+def test_a_process_that_fails_while_a_step_compiles_exits_once_it_is_compiled(tmp_path):
+  """An exception in the main thread while compile_in_background's thread is in XLA: the
+  process waits for the compile and exits with the exception's status. (On a daemon thread the
+  interpreter aborted at exit: "FATAL: exception not rethrown", status -6.)"""
+  script = tmp_path / "fails.py"
+  script.write_text(textwrap.dedent("""
+      import logging
+      import jax, jax.numpy as jnp
+      from iterfuse_jax import train
+      logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+      def slow_to_compile(x):
+        for i in range(120):
+          x = jnp.tanh(x @ x.T) + jnp.sin(x * i)
+        return x
+
+      train.compile_in_background(jax.jit(slow_to_compile),
+                                  jax.ShapeDtypeStruct((32, 32), jnp.float32), name="it")
+      raise SystemExit("failed while it compiles")
+      """))
+  result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          cwd=REPO_ROOT, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+  assert result.returncode == 1, result.stderr
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert "FATAL" not in result.stderr
+  failed = lines.index("failed while it compiles")
+  compiled = [i for i, line in enumerate(lines) if line.startswith("Compiled it in ")]
+  assert compiled and compiled[0] > failed, lines
+
+
+def test_an_out_of_memory_error_of_the_step_compiled_at_the_start_names_the_streamed_option(
+    tmp_path, data_dir, monkeypatch):
+  """XLA can refuse the step's memory as it compiles, now on the compile thread of a new run's
+  start (on a GPU the temporary buffers are sized then): the error names the streamed IFB."""
+
+  def refused(*args, **kwargs):
+    raise jax.errors.JaxRuntimeError(
+        "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 94371840000 bytes.")
+
+  monkeypatch.setattr(train, "initialise_while_compiling", refused)
+  with pytest.raises(out_of_memory.IFBOutOfMemoryError, match=r"ifb_impl=streamed"):
+    train.train_and_evaluate(tiny_config(data_dir), str(tmp_path))
 
 
 def _must_not_initialise(*args, **kwargs):
