@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from benchmarks import boundary_eval, checkpoint_save, ifb_memory, ifb_precision
+from benchmarks import boundary_eval, checkpoint_save, ifb_memory, ifb_precision, startup
 
 
 def test_ifb_memory_benchmark_smoke(tmp_path, capsys):
@@ -84,3 +84,22 @@ def test_checkpoint_save_benchmark_smoke(capsys):
 def test_checkpoint_save_benchmark_rejects_a_bad_override():
   with pytest.raises(ValueError, match="expected KEY=VALUE"):
     checkpoint_save.main(["--config", "configs/demo.py", "--set", "model.task_channels"])
+
+
+@pytest.mark.slow
+def test_startup_benchmark_smoke(capsys):
+  assert startup.main(["--config", "configs/demo.py", "--set", "model.task_channels=8",
+                       "--set", "model.tpim.n_iter=2", "--set", "model.backbone=w18_tiny",
+                       "--set", "batch_size=2", "--repeats", "1"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0] == "configs/demo.py: a fresh process per run, no compilation cache", lines
+  rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in lines[2:4]}
+  assert set(rows) == {"sequential", "overlapped"}, lines
+  for mode, (init_s, step_s, ready_s, first_step_s) in rows.items():
+    assert 0 < init_s <= ready_s and 0 < step_s <= ready_s and first_step_s > 0, (mode, lines)
+  # One after the other, the two add up; at once, the later one ends it.
+  init_s, step_s, ready_s, _ = rows["sequential"]
+  assert ready_s >= init_s + step_s - 0.2, lines
+  init_s, step_s, ready_s, _ = rows["overlapped"]
+  assert ready_s < init_s + step_s and ready_s >= max(init_s, step_s) - 0.2, lines
+  assert lines[-1].startswith("median until the first step can run: sequential "), lines

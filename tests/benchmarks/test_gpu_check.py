@@ -534,5 +534,8 @@ def test_gpu_check_dry_run_through_the_shell_script(tmp_path):
   train = results["train"]  # launch.py as a user runs it, last
   assert train["exit"] == 0 and train["evaluations"] == 3 and train["tensorboard_files"] == 1
   assert set(gpu_check.CPU_DEMO) <= set(train["metrics"]), train
+  # Its start, from its log.txt: the initialisation and the train step's compile at once.
+  assert 0 < train["init_s"] < train["wall_s"] and 0 < train["step_compile_s"] < train["wall_s"]
+  assert "and the train step's compile (" in summary
   assert "training run `launch.py --config=configs/demo.py:tiny" in summary
   assert "gpu_check.sh: exit 0" in (out / "console.log").read_text()
