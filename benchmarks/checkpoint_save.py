@@ -13,7 +13,6 @@ save: the time `save` held the caller, and the time until the save was committed
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import pathlib
 import statistics
@@ -21,33 +20,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load_config(path: str, overrides: Sequence[str]):
-  spec = importlib.util.spec_from_file_location("experiment_config", REPO_ROOT / path)
-  if spec is None or spec.loader is None:
-    raise FileNotFoundError(f"no config file at {REPO_ROOT / path}")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.unlock()
-  for item in overrides:
-    key, sep, value = item.partition("=")
-    if not sep:
-      raise ValueError(f"--set {item!r}: expected KEY=VALUE")
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    old = node[leaf]
-    if isinstance(old, bool):
-      if value.lower() not in ("true", "false"):
-        raise ValueError(f"--set {item!r}: expected true or false")
-      node[leaf] = value.lower() == "true"
-    else:
-      node[leaf] = type(old)(value)
-  return config
+from benchmarks import experiment_config
 
 
 def measure(config, saves: int) -> dict:
@@ -80,17 +53,14 @@ def measure(config, saves: int) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-  parser.add_argument("--config", default="configs/nyud_ifbC.py",
-                      help="experiment config file, relative to the repository")
-  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="config override, e.g. model.task_channels=8 (repeatable)")
+  experiment_config.add_arguments(parser, default="configs/nyud_ifbC.py")
   parser.add_argument("--saves", type=int, default=4)
   args = parser.parse_args(argv)
   if args.saves < 1:
     parser.error("--saves must be >= 1")
   # orbax warns that each save waited for the previous one: the waits this script makes itself.
   logging.getLogger("absl").setLevel(logging.ERROR)
-  result = measure(_load_config(args.config, args.set), args.saves)
+  result = measure(experiment_config.load(args.config, args.set), args.saves)
   print(f"{args.config}: {result['arrays']} arrays, {result['mib']:.1f} MiB")
   print("save  held s  total s")
   for i, s in enumerate(result["saves"], 1):

@@ -1,4 +1,4 @@
-"""A new run's start: its initialisation and its train step compiled one after the other, or at once.
+"""A new run's start: initialisation and train step compiled one after the other, or at once.
 
 `train.train_and_evaluate` compiles a new run's train step on a thread of its own while it compiles
 and runs the parameter initialisation (`train.initialise_while_compiling`). This script times both
@@ -27,7 +27,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from benchmarks.checkpoint_save import REPO_ROOT, _load_config
+from benchmarks import experiment_config
 
 MODES = ("sequential", "overlapped")
 
@@ -35,33 +35,24 @@ MODES = ("sequential", "overlapped")
 def measure(config, mode: str) -> dict:
   """One start in this process: {"init_s", "step_compile_s", "ready_s", "first_step_s"}."""
   # pylint: disable=g-import-not-at-top
-  import functools
-
   import jax
   from jax.sharding import NamedSharding, PartitionSpec
 
   from benchmarks.train_step import random_batch
-  from iterfuse_jax import determinism, train
+  from iterfuse_jax import train
   from iterfuse_jax.models import build_model
   # pylint: enable=g-import-not-at-top
 
   tasks = tuple(config.dataset.tasks)
   height, width = config.dataset.train_size
   mesh = train.create_mesh(1)
-  replicated = NamedSharding(mesh, PartitionSpec())
   data_sharding = NamedSharding(mesh, PartitionSpec("data"))
   model = build_model(config)
   schedule = train.create_learning_rate_schedule(config, 100)
   tx = train.create_optimizer(config, schedule)
   input_shape = (1, height, width, 3)
   abstract = train.abstract_train_state(config, model, tx, input_shape, mesh)
-  state_sharding = jax.tree.map(lambda _: replicated, abstract)
-  # The jit of train.train_and_evaluate.
-  jitted = jax.jit(
-      functools.partial(train.train_step, tasks=tasks, loss_weights=dict(config.loss_weights),
-                        schedule=schedule, seed=int(config.seed)),
-      in_shardings=(state_sharding, data_sharding), out_shardings=(state_sharding, replicated),
-      donate_argnums=(0,), compiler_options=determinism.compiler_options(config))
+  jitted = train.jit_train_step(config, schedule, abstract, mesh)
   host_batch = random_batch(config.dataset.name, tasks, config.batch_size, height, width, 0)
   batch = {k: jax.device_put(v, data_sharding) for k, v in host_batch.items()}
   rng = jax.random.key(config.seed)
@@ -109,8 +100,8 @@ def _run_one(config_path: str, overrides: Sequence[str], mode: str) -> dict:
   for item in overrides:
     cmd += ["--set", item]
   env = {**os.environ, "JAX_ENABLE_COMPILATION_CACHE": "false"}
-  result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, env=env,
-                          check=False)
+  result = subprocess.run(cmd, capture_output=True, text=True, cwd=experiment_config.REPO_ROOT,
+                          env=env, check=False)
   lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
   if result.returncode or not lines:
     raise RuntimeError(f"the {mode} process failed (status {result.returncode}):\n"
@@ -120,15 +111,12 @@ def _run_one(config_path: str, overrides: Sequence[str], mode: str) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-  parser.add_argument("--config", default="configs/demo.py",
-                      help="experiment config file, relative to the repository")
-  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="config override, e.g. model.task_channels=8 (repeatable)")
+  experiment_config.add_arguments(parser, default="configs/demo.py")
   parser.add_argument("--repeats", type=int, default=2, help="runs of each mode")
   parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.child:
-    print(json.dumps(measure(_load_config(args.config, args.set), args.child)))
+    print(json.dumps(measure(experiment_config.load(args.config, args.set), args.child)))
     return 0
   if args.repeats < 1:
     parser.error("--repeats must be >= 1")

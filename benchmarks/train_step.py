@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import hashlib
 import json
 import os
@@ -234,7 +233,7 @@ def measure_jax(setting: Setting, compile_only: bool = False) -> dict:
   import jax
   from jax.sharding import NamedSharding, PartitionSpec
 
-  from iterfuse_jax import determinism, out_of_memory, train
+  from iterfuse_jax import out_of_memory, train
   from iterfuse_jax.models import build_model
   # pylint: enable=g-import-not-at-top
 
@@ -244,7 +243,6 @@ def measure_jax(setting: Setting, compile_only: bool = False) -> dict:
   tasks = tuple(config.dataset.tasks)
 
   mesh = train.create_mesh(1)
-  replicated = NamedSharding(mesh, PartitionSpec())
   data_sharding = NamedSharding(mesh, PartitionSpec("data"))
   model = build_model(config)
   schedule = train.create_learning_rate_schedule(
@@ -262,26 +260,16 @@ def measure_jax(setting: Setting, compile_only: bool = False) -> dict:
                             setting.width, setting.seed)
   batch = {k: jax.device_put(v, data_sharding) for k, v in host_batch.items()}
 
-  # The same jit as train.train_and_evaluate: shardings, and the state donated.
-  state_sharding = jax.tree.map(lambda _: replicated, state)
-  jitted = jax.jit(
-      functools.partial(train.train_step, tasks=tasks, loss_weights=dict(config.loss_weights),
-                        schedule=schedule),
-      in_shardings=(state_sharding, data_sharding), out_shardings=(state_sharding, replicated),
-      donate_argnums=(0,), compiler_options=determinism.compiler_options(config))
+  # The jit of train.train_and_evaluate: shardings, and the state donated.
+  jitted = train.jit_train_step(config, schedule, state, mesh)
   start = time.perf_counter()
-  try:
+  with out_of_memory.hint(config):
     lowered = jitted.lower(state, batch)
     # Tracing and lowering run in Python; the rest is XLA's (on a GPU: fusion, autotuning of
     # convolutions and GEMMs, kernel compilation).
     lower_s = time.perf_counter() - start
     progress(f"lowered in {lower_s:.1f} s; compiling the train step")
     compiled = lowered.compile()
-  except jax.errors.JaxRuntimeError as e:
-    explained = out_of_memory.explain(e, config)
-    if explained is None:
-      raise
-    raise explained from e
   compile_s = time.perf_counter() - start
   progress(f"compiled the train step in {compile_s:.1f} s (lowering included)")
   device = jax.devices()[0]

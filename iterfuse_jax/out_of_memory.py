@@ -10,9 +10,10 @@ message gives the size of Co and names the option that avoids it, `model.tpim.if
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -66,6 +67,19 @@ def explain(error: BaseException, config: ml_collections.ConfigDict,
       "model.tpim.scale.")
 
 
+@contextlib.contextmanager
+def hint(config: ml_collections.ConfigDict, batch_size: int | None = None) -> Iterator[None]:
+  """Inside it, an out-of-memory error of the materialized IFB is raised as IFBOutOfMemoryError
+  (from the original); any other error passes unchanged."""
+  try:
+    yield
+  except jax.errors.JaxRuntimeError as e:
+    explained = explain(e, config, batch_size)
+    if explained is None:
+      raise
+    raise explained from e
+
+
 def with_hint(step: Callable[..., Any], config: ml_collections.ConfigDict,
               batch_size: int | None = None) -> Callable[..., Any]:
   """`step` (a jitted function, or a compiled one) raising IFBOutOfMemoryError for an IFB OOM.
@@ -77,16 +91,11 @@ def with_hint(step: Callable[..., Any], config: ml_collections.ConfigDict,
 
   @functools.wraps(step)
   def wrapped(*args, **kwargs):
-    try:
+    with hint(config, batch_size):
       out = step(*args, **kwargs)
       if first[0]:
         jax.block_until_ready(out)
         first[0] = False
       return out
-    except jax.errors.JaxRuntimeError as e:
-      explained = explain(e, config, batch_size)
-      if explained is None:
-        raise
-      raise explained from e
 
   return wrapped

@@ -202,6 +202,22 @@ def predict_step(state: TrainState, images: jax.Array) -> dict[str, jax.Array]:
 # ----------------------------------------------------------------------------- setup
 
 
+def jit_train_step(config: ml_collections.ConfigDict, schedule: optax.Schedule,
+                   state: TrainState, mesh: Mesh) -> Callable:
+  """`train_step` jitted as the training loop runs it: the state (its structure from `state`,
+  arrays or ShapeDtypeStructs) replicated on `mesh` and donated, the batch sharded over "data",
+  the metrics replicated, the config's compiler options."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  state_sharding = jax.tree.map(lambda _: replicated, state)
+  return jax.jit(
+      functools.partial(train_step, tasks=tuple(config.dataset.tasks),
+                        loss_weights=dict(config.loss_weights), schedule=schedule,
+                        seed=int(config.seed)),
+      in_shardings=(state_sharding, NamedSharding(mesh, PartitionSpec("data"))),
+      out_shardings=(state_sharding, replicated), donate_argnums=(0,),
+      compiler_options=determinism.compiler_options(config))
+
+
 def create_mesh(num_devices: int = -1) -> Mesh:
   """A 1-D "data" mesh over the first `num_devices` devices (-1: all, on every host)."""
   devices = jax.devices()
@@ -801,13 +817,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   tx = create_optimizer(config, schedule)
   input_shape = (1, *config.dataset.train_size, 3)
   abstract_state = abstract_train_state(config, model, tx, input_shape, mesh)
-  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
-  options = determinism.compiler_options(config)
-  jitted_train = jax.jit(
-      functools.partial(train_step, tasks=tasks, loss_weights=dict(config.loss_weights),
-                        schedule=schedule, seed=int(config.seed)),
-      in_shardings=(state_sharding, data_sharding), out_shardings=(state_sharding, replicated),
-      donate_argnums=(0,), compiler_options=options)
+  jitted_train = jit_train_step(config, schedule, abstract_state, mesh)
   checkpoints = RunCheckpoints(workdir, config.keep_checkpoints)
   # A resumed run restores into the state's structure; only a new run initialises one.
   restored = checkpoints.restore_latest(abstract_state, train_iter)
@@ -820,15 +830,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     pretrained = load_pretrained_backbone(config)  # a wrong folder fails before any compile
     # The step is compiled for the batch's shapes and shardings.
     first_batch = shard_batch(next(train_iter), data_sharding)
-    try:
+    with out_of_memory.hint(config):  # XLA may refuse the step's memory as it compiles
       state, train_fn = initialise_while_compiling(
           config, model, tx, jax.random.key(config.seed), input_shape, mesh, jitted_train,
           abstract_state, first_batch, pretrained=pretrained)
-    except jax.errors.JaxRuntimeError as e:  # XLA may refuse the step's memory as it compiles
-      explained = out_of_memory.explain(e, config)
-      if explained is None:
-        raise
-      raise explained from e
   last_saved = start_step if restored is not None else None
   if start_step > total_steps:
     raise WorkdirError(f"the newest checkpoint in {workdir / 'checkpoints'} is of step "
@@ -848,6 +853,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # An out-of-memory error of the materialized IFB names the streamed option.
   train_fn = out_of_memory.with_hint(train_fn, config)
   metrics_cls = metrics.make_eval_metrics(tasks, dataset)
+  options = determinism.compiler_options(config)
   # Replicated results: every host computes the same metrics and takes the same decisions.
   jitted_eval = jax.jit(functools.partial(eval_step, tasks=tasks, metrics_cls=metrics_cls,
                                           resize_order=config.eval_resize),
